@@ -1,0 +1,83 @@
+"""Model families as pure functions over flat parameter dicts.
+
+Params are a flat ``dict[str, Array]`` whose keys are exactly the Hugging Face state-dict
+names and whose arrays have Hugging Face shapes and layouts, so checkpoints load and save
+without renaming, LoRA targets modules by their PEFT names, and the phone's state files
+use the same keys.
+
+Every family module provides ``param_shapes``, ``layer_shapes``, ``layer_prefix``,
+``embed``, ``block``, ``final_norm``, ``output_weight`` and ``init_layer``; this module
+composes them into ``forward`` (optionally with a KV cache) and ``init_params``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mobiletune.models import gemma3, gpt2, llama
+from mobiletune.models.config import ModelConfig, preset  # noqa: F401
+from mobiletune.models.layers import KVCache
+
+_FAMILY = {"gpt2": gpt2, "llama": llama, "qwen2": llama, "gemma3": gemma3}
+
+
+def family(cfg: ModelConfig):
+    return _FAMILY[cfg.family]
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    """HF name -> shape for every parameter of the model."""
+    return family(cfg).param_shapes(cfg)
+
+
+def init_params(cfg: ModelConfig, key) -> dict:
+    """Random init in the HF layout (normal(0.02) weights, zero biases, identity norms)."""
+    fam = family(cfg)
+    shapes = param_shapes(cfg)
+    keys = jax.random.split(key, len(shapes))
+    return {name: fam.init_layer(cfg, name, shape, k)
+            for (name, shape), k in zip(sorted(shapes.items()), keys)}
+
+
+def layer_params(params: dict, cfg: ModelConfig, i: int) -> dict:
+    """Layer i's params with names relative to the layer (e.g. ``self_attn.q_proj.weight``)."""
+    prefix = family(cfg).layer_prefix(i)
+    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+def hidden_states(params, cfg: ModelConfig, tokens, cache: KVCache | None = None):
+    """Final-normed hidden states (B, T, D) and the updated cache (or None)."""
+    fam = family(cfg)
+    start = 0 if cache is None else cache.length
+    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)      # (T,)
+    h = fam.embed(params, cfg, tokens, positions)                          # (B, T, D)
+    new_k, new_v = [], []
+    for i in range(cfg.num_layers):
+        lc = None if cache is None else (cache.k[i], cache.v[i], cache.length)
+        h, kv = fam.block(layer_params(params, cfg, i), cfg, i, h, positions, lc)
+        if kv is not None:
+            new_k.append(kv[0])
+            new_v.append(kv[1])
+    if cache is not None:
+        cache = KVCache(tuple(new_k), tuple(new_v), cache.length + tokens.shape[1])
+    return fam.final_norm(params, cfg, h), cache
+
+
+def unembed(params, cfg: ModelConfig, h):
+    """(B, T, D) final hidden -> (B, T, V) logits, soft-capped where the config says."""
+    logits = jnp.einsum("btd,vd->btv", h, family(cfg).output_weight(params, cfg))
+    if cfg.final_logit_softcapping is not None:
+        c = cfg.final_logit_softcapping
+        logits = jnp.tanh(logits / c) * c
+    return logits
+
+
+def forward(params, cfg: ModelConfig, tokens, cache: KVCache | None = None):
+    """tokens (B, T) int32 -> logits (B, T, V) float32 and the updated cache (or None)."""
+    h, cache = hidden_states(params, cfg, tokens, cache)
+    return unembed(params, cfg, h), cache
+
+
+def new_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
+    return KVCache.zeros(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)

@@ -1,0 +1,99 @@
+"""Gemma 3 text model.
+
+  h = embed_tokens[tokens] * sqrt(D)
+  per layer (sliding-window "local" or "global" attention, each with its own RoPE base):
+      a = attn(rope(q_norm(q_proj(n))), rope(k_norm(k_proj(n))), v_proj(n)),  n = in_norm(h)
+      h += post_attention_norm(o_proj(a))
+      h += post_feedforward_norm(down(gelu_tanh(gate(m)) * up(m))),  m = pre_ff_norm(h)
+  logits = softcap(norm(h) @ embed_tokens.T)
+Every RMSNorm multiplies by (1 + w). Attention scores are scaled by
+query_pre_attn_scalar ** -0.5, optionally soft-capped.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from mobiletune.models import layers as L
+from mobiletune.models.config import ModelConfig
+
+
+def layer_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    qd, kd = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    s = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+         "pre_feedforward_layernorm.weight": (d,), "post_feedforward_layernorm.weight": (d,),
+         "self_attn.q_proj.weight": (qd, d), "self_attn.k_proj.weight": (kd, d),
+         "self_attn.v_proj.weight": (kd, d), "self_attn.o_proj.weight": (d, qd),
+         "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
+         "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
+         "mlp.down_proj.weight": (d, f)}
+    if cfg.attention_bias:
+        s.update({"self_attn.q_proj.bias": (qd,), "self_attn.k_proj.bias": (kd,),
+                  "self_attn.v_proj.bias": (kd,), "self_attn.o_proj.bias": (d,)})
+    return s
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    s = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
+         "model.norm.weight": (cfg.hidden_size,)}
+    for i in range(cfg.num_layers):
+        s.update({f"model.layers.{i}.{k}": v for k, v in layer_shapes(cfg).items()})
+    if not cfg.tie_embeddings:
+        s["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    return s
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def embed(params, cfg: ModelConfig, tokens, positions):
+    scale = jnp.asarray(cfg.hidden_size ** 0.5, jnp.float32)
+    return params["model.embed_tokens.weight"][tokens] * scale            # (B, T, D)
+
+
+def is_sliding(cfg: ModelConfig, i: int) -> bool:
+    return cfg.layer_types[i] == "sliding_attention"
+
+
+def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None):
+    nh, kh, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps
+    norm = lambda x, name: L.rms_norm(x, lp[name], eps, plus_one=True)  # noqa: E731
+    x = norm(h, "input_layernorm.weight")
+    q = L.split_heads(L.linear(x, lp["self_attn.q_proj.weight"], lp.get("self_attn.q_proj.bias")), nh, hd)
+    k = L.split_heads(L.linear(x, lp["self_attn.k_proj.weight"], lp.get("self_attn.k_proj.bias")), kh, hd)
+    v = L.split_heads(L.linear(x, lp["self_attn.v_proj.weight"], lp.get("self_attn.v_proj.bias")), kh, hd)
+    q = norm(q, "self_attn.q_norm.weight")                                # (B, T, H, Dh)
+    k = norm(k, "self_attn.k_norm.weight")                                # (B, T, K, Dh)
+    if is_sliding(cfg, i):
+        theta, factor, window = cfg.rope_local_theta, 1.0, cfg.sliding_window
+    else:
+        theta, factor, window = cfg.rope_theta, cfg.rope_scaling_factor, None
+    q = L.rope(q, positions, theta, factor)
+    k = L.rope(k, positions, theta, factor)
+    a, new_kv = L.attend_with_cache(q, k, v, positions, layer_cache,
+                                    scale=cfg.query_pre_attn_scalar ** -0.5, window=window,
+                                    softcap=cfg.attn_logit_softcapping)
+    a = L.linear(L.merge_heads(a), lp["self_attn.o_proj.weight"], lp.get("self_attn.o_proj.bias"))
+    h = h + norm(a, "post_attention_layernorm.weight")
+    x = norm(h, "pre_feedforward_layernorm.weight")
+    act = L.activation(cfg.hidden_act)
+    m = act(L.linear(x, lp["mlp.gate_proj.weight"])) * L.linear(x, lp["mlp.up_proj.weight"])
+    h = h + norm(L.linear(m, lp["mlp.down_proj.weight"]), "post_feedforward_layernorm.weight")
+    return h, new_kv
+
+
+def final_norm(params, cfg: ModelConfig, h):
+    return L.rms_norm(h, params["model.norm.weight"], cfg.norm_eps, plus_one=True)
+
+
+def output_weight(params, cfg: ModelConfig):
+    return params["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
+
+
+def init_layer(cfg: ModelConfig, name: str, shape, key, std: float = 0.02):
+    import jax
+    if name.endswith("norm.weight") or name.endswith(".bias"):
+        return jnp.zeros(shape, jnp.float32)  # (1 + w) norms start at identity
+    return std * jax.random.normal(key, shape, jnp.float32)

@@ -1,0 +1,137 @@
+"""Pieces shared by the model families: norms, RoPE, attention with GQA / sliding window,
+activations, and linear layers over Hugging Face weight layouts.
+
+Shapes: B batch, T query positions, S key positions, D model width, H query heads,
+K key/value heads, G = H // K query heads per key/value head, Dh head width.
+All math is float32 (the dtype of the params); softmax is computed in float32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # finite, so a fully-masked row gives a uniform softmax rather than NaN
+
+
+def linear(x, w, b=None):
+    """torch.nn.Linear layout: w is (out, in)."""
+    y = jnp.einsum("...i,oi->...o", x, w)
+    return y if b is None else y + b
+
+
+def conv1d(x, w, b):
+    """GPT-2's Conv1D layout: w is (in, out)."""
+    return jnp.einsum("...i,io->...o", x, w) + b
+
+
+def layer_norm(x, w, b, eps):
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * w + b
+
+
+def rms_norm(x, w, eps, plus_one=False):
+    """RMSNorm; Gemma scales by (1 + w), Llama/Qwen by w."""
+    y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + eps)
+    return y * (1.0 + w) if plus_one else y * w
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def rope(x, positions, theta: float, scaling_factor: float = 1.0):
+    """Rotary embedding, HF "rotate_half" convention (first half / second half of Dh).
+
+    x: (B, T, N, Dh); positions: (T,) int. Linear scaling divides positions by the factor.
+    """
+    dh = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    angles = (positions.astype(jnp.float32) / scaling_factor)[:, None] * inv_freq  # (T, Dh/2)
+    cos = jnp.cos(angles)[None, :, None, :]                                       # (1, T, 1, Dh/2)
+    sin = jnp.sin(angles)[None, :, None, :]
+    x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class KVCache(NamedTuple):
+    """Keys/values for every layer, preallocated to ``max_len`` positions.
+
+    k, v: tuples (one per layer) of (B, max_len, K, Dh); length: int32 scalar, the number
+    of positions already written.
+    """
+    k: tuple
+    v: tuple
+    length: jax.Array
+
+    @classmethod
+    def zeros(cls, num_layers, batch, max_len, kv_heads, head_dim, dtype=jnp.float32):
+        z = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
+        return cls(tuple(z for _ in range(num_layers)), tuple(z for _ in range(num_layers)),
+                   jnp.zeros((), jnp.int32))
+
+
+def attend(q, k, v, q_pos, k_pos, *, scale, k_valid=None, window=None, softcap=None):
+    """Causal grouped-query attention.
+
+    q: (B, T, H, Dh); k, v: (B, S, K, Dh); q_pos: (T,), k_pos: (S,) absolute positions;
+    k_valid: optional (S,) bool for cache slots that hold real keys; window: a key j is
+    visible from query i only if i - j < window (HF's sliding-window rule).
+    Returns (B, T, H, Dh).
+    """
+    b, t, h, dh = q.shape
+    kh = k.shape[2]
+    q = q.reshape(b, t, kh, h // kh, dh)                            # (B, T, K, G, Dh)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k) * scale               # (B, K, G, T, S)
+    if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
+    mask = k_pos[None, :] <= q_pos[:, None]                          # (T, S)
+    if window is not None:
+        mask = mask & (q_pos[:, None] - k_pos[None, :] < window)
+    if k_valid is not None:
+        mask = mask & k_valid[None, :]
+    s = jnp.where(mask, s, NEG_INF)
+    p = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v)                       # (B, T, K, G, Dh)
+    return o.reshape(b, t, h, dh)
+
+
+def attend_with_cache(q, k_new, v_new, positions, layer_cache, *, scale, window=None,
+                      softcap=None):
+    """Attention for one layer, optionally writing into / reading from a KV cache.
+
+    layer_cache: None (plain forward over the T new positions) or (k_buf, v_buf, length)
+    where the buffers are (B, max_len, K, Dh). Returns (out, (k_buf, v_buf) or None).
+    """
+    if layer_cache is None:
+        return attend(q, k_new, v_new, positions, positions, scale=scale, window=window,
+                      softcap=softcap), None
+    k_buf, v_buf, length = layer_cache
+    k_buf = jax.lax.dynamic_update_slice_in_dim(k_buf, k_new.astype(k_buf.dtype), length, 1)
+    v_buf = jax.lax.dynamic_update_slice_in_dim(v_buf, v_new.astype(v_buf.dtype), length, 1)
+    k_pos = jnp.arange(k_buf.shape[1], dtype=positions.dtype)
+    valid = k_pos < length + q.shape[1]
+    out = attend(q, k_buf, v_buf, positions, k_pos, scale=scale, k_valid=valid, window=window,
+                 softcap=softcap)
+    return out, (k_buf, v_buf)
+
+
+def split_heads(x, n, dh):
+    return x.reshape(*x.shape[:-1], n, dh)                           # (B, T, N, Dh)
+
+
+def merge_heads(x):
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])       # (B, T, N*Dh)

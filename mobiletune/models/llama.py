@@ -1,0 +1,88 @@
+"""Llama layout (SmolLM2) and Qwen 2.5 (the same layout plus q/k/v biases).
+
+  h = embed_tokens[tokens]
+  per layer:  h += o_proj(attn(rope(q_proj(rms(h))), rope(k_proj(rms(h))), v_proj(rms(h))))
+              h += down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))
+  logits = lm_head(rms(h))            (lm_head = embed_tokens when tied)
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from mobiletune.models import layers as L
+from mobiletune.models.config import ModelConfig
+
+
+def layer_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    qd, kd = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    s = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+         "self_attn.q_proj.weight": (qd, d), "self_attn.k_proj.weight": (kd, d),
+         "self_attn.v_proj.weight": (kd, d), "self_attn.o_proj.weight": (d, qd),
+         "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
+         "mlp.down_proj.weight": (d, f)}
+    if cfg.attention_bias:
+        s.update({"self_attn.q_proj.bias": (qd,), "self_attn.k_proj.bias": (kd,),
+                  "self_attn.v_proj.bias": (kd,)})
+        if cfg.family == "llama":  # llama's attention_bias also covers o_proj; qwen2's not
+            s["self_attn.o_proj.bias"] = (d,)
+    if cfg.mlp_bias:
+        s.update({"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,),
+                  "mlp.down_proj.bias": (d,)})
+    return s
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    s = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
+         "model.norm.weight": (cfg.hidden_size,)}
+    for i in range(cfg.num_layers):
+        s.update({f"model.layers.{i}.{k}": v for k, v in layer_shapes(cfg).items()})
+    if not cfg.tie_embeddings:
+        s["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    return s
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def embed(params, cfg: ModelConfig, tokens, positions):
+    return params["model.embed_tokens.weight"][tokens]                 # (B, T, D)
+
+
+def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None):
+    """One decoder layer. lp holds this layer's params with names relative to the layer."""
+    nh, kh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    x = L.rms_norm(h, lp["input_layernorm.weight"], cfg.norm_eps)
+    q = L.split_heads(L.linear(x, lp["self_attn.q_proj.weight"], lp.get("self_attn.q_proj.bias")), nh, hd)
+    k = L.split_heads(L.linear(x, lp["self_attn.k_proj.weight"], lp.get("self_attn.k_proj.bias")), kh, hd)
+    v = L.split_heads(L.linear(x, lp["self_attn.v_proj.weight"], lp.get("self_attn.v_proj.bias")), kh, hd)
+    q = L.rope(q, positions, cfg.rope_theta)                           # (B, T, H, Dh)
+    k = L.rope(k, positions, cfg.rope_theta)                           # (B, T, K, Dh)
+    a, new_kv = L.attend_with_cache(q, k, v, positions, layer_cache, scale=hd ** -0.5)
+    h = h + L.linear(L.merge_heads(a), lp["self_attn.o_proj.weight"], lp.get("self_attn.o_proj.bias"))
+    x = L.rms_norm(h, lp["post_attention_layernorm.weight"], cfg.norm_eps)
+    act = L.activation(cfg.hidden_act)
+    gate = L.linear(x, lp["mlp.gate_proj.weight"], lp.get("mlp.gate_proj.bias"))
+    up = L.linear(x, lp["mlp.up_proj.weight"], lp.get("mlp.up_proj.bias"))
+    h = h + L.linear(act(gate) * up, lp["mlp.down_proj.weight"], lp.get("mlp.down_proj.bias"))
+    return h, new_kv
+
+
+def final_norm(params, cfg: ModelConfig, h):
+    return L.rms_norm(h, params["model.norm.weight"], cfg.norm_eps)
+
+
+def output_weight(params, cfg: ModelConfig):
+    """The (V, D) unembedding matrix."""
+    return params["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
+
+
+def init_layer(cfg: ModelConfig, name: str, shape, key, std: float = 0.02):
+    import jax
+    if name.endswith("norm.weight"):
+        return jnp.ones(shape, jnp.float32)
+    if name.endswith(".bias"):
+        return jnp.zeros(shape, jnp.float32)
+    return std * jax.random.normal(key, shape, jnp.float32)

@@ -1,0 +1,162 @@
+"""Read and write safetensors files with numpy alone (the phone has no ``safetensors``
+package, no torch).
+
+Format: 8-byte little-endian header length N, N bytes of JSON header
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``,
+then the raw little-endian tensor bytes. Reads are memory-mapped; writes are atomic
+(temp file + fsync + rename). Every error names the file and, where it applies, the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
+           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file that is truncated, malformed, or lacks what was asked for."""
+
+
+def _bf16():
+    import ml_dtypes  # desktop only; the phone never meets bf16 files
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def read_header(path: str | Path) -> tuple[dict, dict, int]:
+    """(tensor entries, __metadata__, byte offset of the data section)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SafetensorsError(f"{path}: truncated safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise SafetensorsError(f"{path}: truncated safetensors header "
+                                       f"(says {n} bytes, file has {size})")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except OSError as e:
+        raise SafetensorsError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise SafetensorsError(f"{path}: not a safetensors file (bad header)") from None
+    meta = header.pop("__metadata__", {}) or {}
+    data_start = 8 + n
+    for name, e in header.items():
+        end = e["data_offsets"][1]
+        if data_start + end > size:
+            raise SafetensorsError(f"{path}: truncated: tensor {name!r} ends at byte "
+                                   f"{data_start + end}, file has {size}")
+    return header, meta, data_start
+
+
+def load(path: str | Path, names=None, mmap: bool = True) -> dict[str, np.ndarray]:
+    """Tensors of a safetensors file as numpy arrays (memory-mapped, read-only, unless
+    ``mmap=False``). ``names`` restricts to those keys; a missing one is an error."""
+    path = Path(path)
+    header, _, start = read_header(path)
+    wanted = list(header) if names is None else list(names)
+    missing = [n for n in wanted if n not in header]
+    if missing:
+        raise SafetensorsError(f"{path}: missing tensor(s) {missing[:5]}")
+    raw = np.memmap(path, dtype=np.uint8, mode="r") if mmap else np.fromfile(path, np.uint8)
+    out = {}
+    for name in wanted:
+        e = header[name]
+        dt = _bf16() if e["dtype"] == "BF16" else _DTYPES.get(e["dtype"])
+        if dt is None:
+            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {e['dtype']}")
+        b, en = e["data_offsets"]
+        arr = raw[start + b:start + en].view(dt)
+        shape = tuple(e["shape"])
+        if arr.size != int(np.prod(shape)):
+            raise SafetensorsError(f"{path}: tensor {name!r}: {en - b} bytes do not hold "
+                                   f"shape {shape} of {e['dtype']}")
+        out[name] = arr.reshape(shape)
+    return out
+
+
+def metadata(path: str | Path) -> dict:
+    return read_header(path)[1]
+
+
+def save(path: str | Path, tensors: dict[str, np.ndarray], meta: dict | None = None) -> None:
+    """Write tensors atomically: a crash leaves either the old file or the new one."""
+    path = Path(path)
+    header, offset, arrays = {}, 0, []
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(np.asarray(tensors[name]))
+        dt = "BF16" if a.dtype.name == "bfloat16" else _NAMES.get(a.dtype)
+        if dt is None:
+            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {a.dtype}")
+        header[name] = {"dtype": dt, "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    if meta:
+        header["__metadata__"] = {str(k): str(v) for k, v in meta.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
+    with atomic_writer(path) as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in arrays:
+            f.write(a.tobytes(order="C") if a.ndim == 0 else memoryview(a.reshape(-1)).cast("B"))
+
+
+class atomic_writer:
+    """``with atomic_writer(path) as f: f.write(...)`` — temp file in the same directory,
+    fsync, then rename over ``path``. On an exception the temp file is removed and
+    ``path`` is untouched."""
+
+    def __init__(self, path: str | Path, mode: str = "wb"):
+        self.path = Path(path)
+        self.mode = mode
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
+                                        suffix=".tmp")
+        self.f = os.fdopen(fd, self.mode, **({} if "b" in self.mode else {"encoding": "utf-8"}))
+        return self.f
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self.f.flush()
+                os.fsync(self.f.fileno())
+            self.f.close()
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+                _fsync_dir(self.path.parent)
+        finally:
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+        return False
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_writer(path, "w") as f:
+        f.write(text)
