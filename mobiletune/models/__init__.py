@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from mobiletune.models import gemma3, gpt2, llama
 from mobiletune.models.config import ModelConfig, preset  # noqa: F401
-from mobiletune.models.layers import KVCache
+from mobiletune.models.layers import KVCache, LoraCtx
 
 _FAMILY = {"gpt2": gpt2, "llama": llama, "qwen2": llama, "gemma3": gemma3}
 
@@ -46,8 +46,12 @@ def layer_params(params: dict, cfg: ModelConfig, i: int) -> dict:
     return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
 
 
-def hidden_states(params, cfg: ModelConfig, tokens, cache: KVCache | None = None):
-    """Final-normed hidden states (B, T, D) and the updated cache (or None)."""
+def hidden_states(params, cfg: ModelConfig, tokens, cache: KVCache | None = None,
+                  lora: LoraCtx | None = None):
+    """Final-normed hidden states (B, T, D) and the updated cache (or None).
+
+    ``params`` may also hold LoRA tensors (``<module>.lora_A.weight`` / ``.lora_B.weight``);
+    they are applied when ``lora`` gives their scale (see ``mobiletune.lora``)."""
     fam = family(cfg)
     start = 0 if cache is None else cache.length
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)      # (T,)
@@ -55,7 +59,10 @@ def hidden_states(params, cfg: ModelConfig, tokens, cache: KVCache | None = None
     new_k, new_v = [], []
     for i in range(cfg.num_layers):
         lc = None if cache is None else (cache.k[i], cache.v[i], cache.length)
-        h, kv = fam.block(layer_params(params, cfg, i), cfg, i, h, positions, lc)
+        lctx = lora
+        if lora is not None and lora.key is not None:
+            lctx = lora._replace(key=jax.random.fold_in(lora.key, i))
+        h, kv = fam.block(layer_params(params, cfg, i), cfg, i, h, positions, lc, lctx)
         if kv is not None:
             new_k.append(kv[0])
             new_v.append(kv[1])
@@ -73,9 +80,10 @@ def unembed(params, cfg: ModelConfig, h):
     return logits
 
 
-def forward(params, cfg: ModelConfig, tokens, cache: KVCache | None = None):
+def forward(params, cfg: ModelConfig, tokens, cache: KVCache | None = None,
+            lora: LoraCtx | None = None):
     """tokens (B, T) int32 -> logits (B, T, V) float32 and the updated cache (or None)."""
-    h, cache = hidden_states(params, cfg, tokens, cache)
+    h, cache = hidden_states(params, cfg, tokens, cache, lora)
     return unembed(params, cfg, h), cache
 
 

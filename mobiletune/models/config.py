@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mobiletune.errors import MobiletuneError
+
 FAMILIES = ("gpt2", "llama", "qwen2", "gemma3")
 HF_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3",
                   "gemma3": "gemma3"}
@@ -27,7 +29,7 @@ HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
                     "qwen2": "Qwen2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 
 
-class ConfigError(ValueError):
+class ConfigError(MobiletuneError, ValueError):
     """A config that cannot describe a model we support."""
 
 

@@ -57,13 +57,13 @@ def is_sliding(cfg: ModelConfig, i: int) -> bool:
     return cfg.layer_types[i] == "sliding_attention"
 
 
-def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None):
+def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None, lora=None):
     nh, kh, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps
     norm = lambda x, name: L.rms_norm(x, lp[name], eps, plus_one=True)  # noqa: E731
     x = norm(h, "input_layernorm.weight")
-    q = L.split_heads(L.linear(x, lp["self_attn.q_proj.weight"], lp.get("self_attn.q_proj.bias")), nh, hd)
-    k = L.split_heads(L.linear(x, lp["self_attn.k_proj.weight"], lp.get("self_attn.k_proj.bias")), kh, hd)
-    v = L.split_heads(L.linear(x, lp["self_attn.v_proj.weight"], lp.get("self_attn.v_proj.bias")), kh, hd)
+    q = L.split_heads(L.dense(lp, "self_attn.q_proj", x, lora), nh, hd)
+    k = L.split_heads(L.dense(lp, "self_attn.k_proj", x, lora), kh, hd)
+    v = L.split_heads(L.dense(lp, "self_attn.v_proj", x, lora), kh, hd)
     q = norm(q, "self_attn.q_norm.weight")                                # (B, T, H, Dh)
     k = norm(k, "self_attn.k_norm.weight")                                # (B, T, K, Dh)
     if is_sliding(cfg, i):
@@ -75,12 +75,12 @@ def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None):
     a, new_kv = L.attend_with_cache(q, k, v, positions, layer_cache,
                                     scale=cfg.query_pre_attn_scalar ** -0.5, window=window,
                                     softcap=cfg.attn_logit_softcapping)
-    a = L.linear(L.merge_heads(a), lp["self_attn.o_proj.weight"], lp.get("self_attn.o_proj.bias"))
+    a = L.dense(lp, "self_attn.o_proj", L.merge_heads(a), lora)
     h = h + norm(a, "post_attention_layernorm.weight")
     x = norm(h, "pre_feedforward_layernorm.weight")
     act = L.activation(cfg.hidden_act)
-    m = act(L.linear(x, lp["mlp.gate_proj.weight"])) * L.linear(x, lp["mlp.up_proj.weight"])
-    h = h + norm(L.linear(m, lp["mlp.down_proj.weight"]), "post_feedforward_layernorm.weight")
+    m = act(L.dense(lp, "mlp.gate_proj", x, lora)) * L.dense(lp, "mlp.up_proj", x, lora)
+    h = h + norm(L.dense(lp, "mlp.down_proj", m, lora), "post_feedforward_layernorm.weight")
     return h, new_kv
 
 

@@ -45,16 +45,16 @@ def embed(params, cfg: ModelConfig, tokens, positions):
     return params["transformer.wte.weight"][tokens] + params["transformer.wpe.weight"][positions]
 
 
-def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None):
+def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None, lora=None):
     nh, hd, d = cfg.num_heads, cfg.head_dim, cfg.hidden_size
     x = L.layer_norm(h, lp["ln_1.weight"], lp["ln_1.bias"], cfg.norm_eps)
-    qkv = L.conv1d(x, lp["attn.c_attn.weight"], lp["attn.c_attn.bias"])    # (B, T, 3D)
+    qkv = L.dense(lp, "attn.c_attn", x, lora, conv1d_layout=True)    # (B, T, 3D)
     q, k, v = (L.split_heads(qkv[..., j * d:(j + 1) * d], nh, hd) for j in range(3))
     a, new_kv = L.attend_with_cache(q, k, v, positions, layer_cache, scale=hd ** -0.5)
-    h = h + L.conv1d(L.merge_heads(a), lp["attn.c_proj.weight"], lp["attn.c_proj.bias"])
+    h = h + L.dense(lp, "attn.c_proj", L.merge_heads(a), lora, conv1d_layout=True)
     x = L.layer_norm(h, lp["ln_2.weight"], lp["ln_2.bias"], cfg.norm_eps)
-    x = L.activation(cfg.hidden_act)(L.conv1d(x, lp["mlp.c_fc.weight"], lp["mlp.c_fc.bias"]))
-    h = h + L.conv1d(x, lp["mlp.c_proj.weight"], lp["mlp.c_proj.bias"])
+    x = L.activation(cfg.hidden_act)(L.dense(lp, "mlp.c_fc", x, lora, conv1d_layout=True))
+    h = h + L.dense(lp, "mlp.c_proj", x, lora, conv1d_layout=True)
     return h, new_kv
 
 

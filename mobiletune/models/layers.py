@@ -8,6 +8,7 @@ All math is float32 (the dtype of the params); softmax is computed in float32.
 
 from __future__ import annotations
 
+import zlib
 from typing import NamedTuple
 
 import jax
@@ -22,9 +23,36 @@ def linear(x, w, b=None):
     return y if b is None else y + b
 
 
-def conv1d(x, w, b):
+def conv1d(x, w, b=None):
     """GPT-2's Conv1D layout: w is (in, out)."""
-    return jnp.einsum("...i,io->...o", x, w) + b
+    y = jnp.einsum("...i,io->...o", x, w)
+    return y if b is None else y + b
+
+
+class LoraCtx(NamedTuple):
+    """What a forward needs to apply LoRA adapters found in the params: PEFT's scaling
+    (alpha / r, or alpha / sqrt(r) with rsLoRA), dropout on the adapter input (training
+    only) and the key for that dropout."""
+    scale: float
+    dropout: float = 0.0
+    key: jax.Array | None = None
+
+
+def dense(lp: dict, name: str, x, lora: LoraCtx | None = None, conv1d_layout: bool = False):
+    """A linear layer by module name: ``lp[name.weight]`` (+ ``.bias``), plus the LoRA path
+    ``scale * B(A(dropout(x)))`` when ``lp`` holds ``name.lora_A.weight`` (r, in) and
+    ``name.lora_B.weight`` (out, r) — PEFT's layout for both Linear and Conv1D bases."""
+    w, b = lp[name + ".weight"], lp.get(name + ".bias")
+    y = conv1d(x, w, b) if conv1d_layout else linear(x, w, b)
+    a_name = name + ".lora_A.weight"
+    if lora is not None and a_name in lp:
+        xa = x
+        if lora.dropout > 0.0 and lora.key is not None:
+            keep = jax.random.bernoulli(jax.random.fold_in(lora.key, zlib.crc32(name.encode()) & 0x7FFFFFFF), 1.0 - lora.dropout,
+                                        x.shape)
+            xa = jnp.where(keep, x / (1.0 - lora.dropout), 0.0)
+        y = y + lora.scale * linear(linear(xa, lp[a_name]), lp[name + ".lora_B.weight"])
+    return y
 
 
 def layer_norm(x, w, b, eps):

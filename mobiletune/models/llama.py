@@ -51,22 +51,22 @@ def embed(params, cfg: ModelConfig, tokens, positions):
     return params["model.embed_tokens.weight"][tokens]                 # (B, T, D)
 
 
-def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None):
+def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None, lora=None):
     """One decoder layer. lp holds this layer's params with names relative to the layer."""
     nh, kh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     x = L.rms_norm(h, lp["input_layernorm.weight"], cfg.norm_eps)
-    q = L.split_heads(L.linear(x, lp["self_attn.q_proj.weight"], lp.get("self_attn.q_proj.bias")), nh, hd)
-    k = L.split_heads(L.linear(x, lp["self_attn.k_proj.weight"], lp.get("self_attn.k_proj.bias")), kh, hd)
-    v = L.split_heads(L.linear(x, lp["self_attn.v_proj.weight"], lp.get("self_attn.v_proj.bias")), kh, hd)
+    q = L.split_heads(L.dense(lp, "self_attn.q_proj", x, lora), nh, hd)
+    k = L.split_heads(L.dense(lp, "self_attn.k_proj", x, lora), kh, hd)
+    v = L.split_heads(L.dense(lp, "self_attn.v_proj", x, lora), kh, hd)
     q = L.rope(q, positions, cfg.rope_theta)                           # (B, T, H, Dh)
     k = L.rope(k, positions, cfg.rope_theta)                           # (B, T, K, Dh)
     a, new_kv = L.attend_with_cache(q, k, v, positions, layer_cache, scale=hd ** -0.5)
-    h = h + L.linear(L.merge_heads(a), lp["self_attn.o_proj.weight"], lp.get("self_attn.o_proj.bias"))
+    h = h + L.dense(lp, "self_attn.o_proj", L.merge_heads(a), lora)
     x = L.rms_norm(h, lp["post_attention_layernorm.weight"], cfg.norm_eps)
     act = L.activation(cfg.hidden_act)
-    gate = L.linear(x, lp["mlp.gate_proj.weight"], lp.get("mlp.gate_proj.bias"))
-    up = L.linear(x, lp["mlp.up_proj.weight"], lp.get("mlp.up_proj.bias"))
-    h = h + L.linear(act(gate) * up, lp["mlp.down_proj.weight"], lp.get("mlp.down_proj.bias"))
+    gate = L.dense(lp, "mlp.gate_proj", x, lora)
+    up = L.dense(lp, "mlp.up_proj", x, lora)
+    h = h + L.dense(lp, "mlp.down_proj", act(gate) * up, lora)
     return h, new_kv
 
 

@@ -1,0 +1,105 @@
+"""LoRA adapters in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``
+with tensors named ``base_model.model.<module>.lora_{A,B}.weight``. Files written here
+load with ``peft.PeftModel.from_pretrained``; adapters saved by PEFT load here.
+
+PEFT features we do not implement (DoRA, rank/alpha patterns, lora biases, modules_to_save,
+layer replication, ...) are refused on load with the key that asks for them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mobiletune.errors import CheckpointError
+from mobiletune.lora import LoraConfig, targets
+from mobiletune.models.config import ModelConfig
+from mobiletune.runtime import safetensors_io as st
+
+PREFIX = "base_model.model."
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+# PEFT keys that change the math; we refuse any non-default value rather than ignore it.
+_UNSUPPORTED = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
+                "lora_bias": False, "modules_to_save": None, "layer_replication": None,
+                "target_parameters": None, "layers_pattern": None, "use_qalora": False,
+                "trainable_token_indices": None}
+
+
+def save_adapter(path, adapter: dict, cfg: ModelConfig, lcfg: LoraConfig,
+                 base_model: str | None = None, extra_meta: dict | None = None) -> Path:
+    d = Path(path)
+    lc = lcfg.resolved(cfg)
+    tm = lc.target_modules if isinstance(lc.target_modules, str) else sorted(lc.target_modules)
+    conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lc.r, "lora_alpha": lc.alpha,
+            "lora_dropout": lc.dropout, "target_modules": tm, "use_rslora": lc.use_rslora,
+            "fan_in_fan_out": cfg.family == "gpt2", "bias": "none", "inference_mode": True,
+            "init_lora_weights": True, "modules_to_save": None,
+            "layers_to_transform": list(lc.layers_to_transform) if lc.layers_to_transform else None,
+            "base_model_name_or_path": base_model, "revision": None}
+    tensors = {PREFIX + k: np.asarray(v, np.float32) for k, v in adapter.items()}
+    st.save(d / WEIGHTS, tensors, meta={"format": "pt", **(extra_meta or {})})
+    st.write_text_atomic(d / CONFIG, json.dumps(conf, indent=2) + "\n")
+    return d
+
+
+def load_adapter(path, cfg: ModelConfig) -> tuple[LoraConfig, dict]:
+    """(LoraConfig, adapter params with our names) from a PEFT adapter directory,
+    checked against the model: every targeted module present with the right shapes."""
+    d = Path(path)
+    cpath = d / CONFIG
+    if not cpath.exists():
+        raise CheckpointError(f"{d}: no {CONFIG} (not a PEFT adapter directory)")
+    try:
+        conf = json.loads(cpath.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{cpath}: not valid JSON ({e})") from None
+    if conf.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{cpath}: peft_type {conf.get('peft_type')!r} is not LORA")
+    for k, default in _UNSUPPORTED.items():
+        v = conf.get(k, default)
+        if v is not None and v != default and v not in ([], {}):
+            raise CheckpointError(f"{cpath}: {k}={conf[k]!r} is not supported")
+    try:
+        tm = conf["target_modules"]
+        lcfg = LoraConfig(r=int(conf["r"]), alpha=float(conf["lora_alpha"]),
+                          dropout=float(conf.get("lora_dropout", 0.0)),
+                          target_modules=tm if isinstance(tm, str) else tuple(tm),
+                          use_rslora=bool(conf.get("use_rslora", False)),
+                          layers_to_transform=_layers(conf.get("layers_to_transform")))
+    except KeyError as e:
+        raise CheckpointError(f"{cpath}: missing key {e.args[0]!r}") from None
+    wpath = d / WEIGHTS
+    if not wpath.exists():
+        raise CheckpointError(f"{d}: no {WEIGHTS}")
+    try:
+        raw = st.load(wpath, mmap=False)
+    except st.SafetensorsError as e:
+        raise CheckpointError(str(e)) from None
+    adapter = {}
+    for k, v in raw.items():
+        name = k[len(PREFIX):] if k.startswith(PREFIX) else k
+        name = name.replace(".lora_A.default.weight", ".lora_A.weight").replace(
+            ".lora_B.default.weight", ".lora_B.weight")
+        adapter[name] = np.asarray(v, np.float32)
+    expected = {}
+    for mod, (fan_in, fan_out) in targets(cfg, lcfg).items():
+        expected[mod + ".lora_A.weight"] = (lcfg.r, fan_in)
+        expected[mod + ".lora_B.weight"] = (fan_out, lcfg.r)
+    for k in sorted(set(expected) | set(adapter)):
+        if k not in adapter:
+            raise CheckpointError(f"{wpath}: missing tensor {PREFIX + k!r}")
+        if k not in expected:
+            raise CheckpointError(f"{wpath}: tensor {PREFIX + k!r} does not belong to this "
+                                  f"{cfg.family} model's targets")
+        if adapter[k].shape != expected[k]:
+            raise CheckpointError(f"{wpath}: tensor {PREFIX + k!r} has shape "
+                                  f"{adapter[k].shape}, expected {expected[k]}")
+    return lcfg, adapter
+
+
+def _layers(x):
+    if x is None:
+        return None
+    return (x,) if isinstance(x, int) else tuple(x)
