@@ -17,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from mobiletune.errors import MobiletuneError
+
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(MobiletuneError, ValueError):
     """A safetensors file that is truncated, malformed, or lacks what was asked for."""
 
 
