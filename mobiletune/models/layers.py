@@ -48,8 +48,8 @@ def dense(lp: dict, name: str, x, lora: LoraCtx | None = None, conv1d_layout: bo
     if lora is not None and a_name in lp:
         xa = x
         if lora.dropout > 0.0 and lora.key is not None:
-            keep = jax.random.bernoulli(jax.random.fold_in(lora.key, zlib.crc32(name.encode()) & 0x7FFFFFFF), 1.0 - lora.dropout,
-                                        x.shape)
+            key = jax.random.fold_in(lora.key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+            keep = jax.random.bernoulli(key, 1.0 - lora.dropout, x.shape)
             xa = jnp.where(keep, x / (1.0 - lora.dropout), 0.0)
         y = y + lora.scale * linear(linear(xa, lp[a_name]), lp[name + ".lora_B.weight"])
     return y

@@ -1,0 +1,5 @@
+import sys
+
+from mobiletune.cli import main
+
+sys.exit(main())

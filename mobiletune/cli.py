@@ -1,0 +1,142 @@
+"""The ``mobiletune`` command. Subcommands stay thin: they parse, call a library function,
+print. A user mistake (a bad path, key, value or file) prints one line
+``mobiletune: error: ...`` and exits 2, without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mobiletune.errors import MobiletuneError
+
+
+def _add_model(p, adapter=True):
+    p.add_argument("--model", required=True,
+                   help="HF directory (config.json + safetensors), a .gguf file, or an asset "
+                        "name: smollm2-135m, gemma3-270m")
+    if adapter:
+        p.add_argument("--adapter", help="LoRA adapter directory in PEFT's layout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mobiletune", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ppl", help="perplexity of a model on a text",
+                       description="Perplexity over consecutive non-overlapping windows of "
+                                   "--seq-len tokens (partial last window dropped; BOS "
+                                   "prepended when the tokenizer adds one). Last line: "
+                                   "ppl=<float> tokens=<int>.")
+    _add_model(p)
+    p.add_argument("--text", required=True,
+                   help="a UTF-8 text file, or an asset: botchan, shakespeare:<play>")
+    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (512)")
+    p.add_argument("--max-windows", type=int, default=None, help="use only the first N windows")
+    p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    _add_model(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the checkpoint's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="GGUF file -> Hugging Face directory (fp32 safetensors)")
+    p.add_argument("--gguf", required=True, help="a .gguf file or an asset name")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("assets", help="install or list the real models, tokenizers and texts")
+    p.add_argument("action", choices=["install", "status"])
+    p.set_defaults(func=cmd_assets)
+    return ap
+
+
+def _load(args):
+    from mobiletune.loading import load_model
+    if getattr(args, "adapter", None):
+        raise MobiletuneError("--adapter: LoRA adapters are not available yet in this version")
+    m = load_model(args.model)
+    import jax.numpy as jnp
+    m.params = {k: jnp.asarray(v) for k, v in m.params.items()}
+    return m
+
+
+def cmd_ppl(args) -> int:
+    from mobiletune.evaluate import perplexity, ppl_windows
+    from mobiletune.loading import read_text
+    from mobiletune.progress import Progress
+    if args.seq_len < 2:
+        raise MobiletuneError(f"--seq-len {args.seq_len}: must be at least 2")
+    text = read_text(args.text)
+    m = _load(args)
+    ids = m.tokenizer.encode(text, add_special_tokens=False)
+    bos = m.tokenizer.bos_id if m.tokenizer.adds_bos else None
+    windows = ppl_windows(ids, args.seq_len, args.max_windows, bos)
+    if windows.shape[1] > m.cfg.max_position:
+        raise MobiletuneError(f"--seq-len {args.seq_len}: longer than the model's "
+                              f"{m.cfg.max_position} positions")
+    with Progress(total=windows.size, unit="tok", desc="ppl") as bar:
+        ppl, n = perplexity(m.params, m.cfg, windows, progress=bar.update)
+    print(f"model={m.source} windows={len(windows)} seq_len={args.seq_len} bos={bos is not None}")
+    print(f"ppl={ppl:.4f} tokens={n}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from mobiletune.generate import generate
+    m = _load(args)
+    tok = m.tokenizer
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                       add_generation_prompt=True)
+        ids = tok.encode(text, add_special_tokens=False)
+    else:
+        ids = tok.encode(args.prompt, add_special_tokens=tok.adds_bos)
+    stops = {i for i in (tok.eos_id, *getattr(tok, "stop_ids", ())) if i is not None}
+    try:
+        out = generate(m.params, m.cfg, ids, args.max_new_tokens, args.temperature, args.seed,
+                       stop_ids=stops)
+    except ValueError as e:
+        raise MobiletuneError(str(e)) from None
+    print(tok.decode([t for t in out if t not in stops]))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from mobiletune.checkpoints.hf import save_hf_dir
+    from mobiletune.loading import load_model
+    m = load_model(args.gguf)
+    if not m.source.endswith(".gguf"):
+        raise MobiletuneError(f"--gguf {args.gguf!r}: not a GGUF file")
+    out = save_hf_dir(args.out, m.cfg, m.params, tokenizer=m.tokenizer)
+    print(f"wrote {out} ({m.cfg.family}, {m.cfg.num_params:,} params, float32)")
+    return 0
+
+
+def cmd_assets(args) -> int:
+    from mobiletune import assets
+    if args.action == "install":
+        assets.install()
+    else:
+        assets.status()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MobiletuneError as e:
+        print(f"mobiletune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mobiletune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

