@@ -44,6 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("train", help="fine-tune with a recipe (LoRA or full)",
+                       description="Run a recipe: a Python file defining `recipe = Recipe(...)`. "
+                                   "Writes metrics.jsonl, loss.png, checkpoints/, and adapter/ "
+                                   "(+ merged/) for LoRA or model/ for full fine-tuning.")
+    p.add_argument("recipe", help="recipe file, e.g. recipes/smollm2_shakespeare_lora.py")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field; nested keys dotted (optim.lr=3e-4, lora.r=16, "
+                        "data=a.txt,b.txt, lora=none for full fine-tuning); repeatable")
+    p.add_argument("--out", help="output directory (default: out/<recipe name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in --out")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("convert", help="GGUF file -> Hugging Face directory (fp32 safetensors)")
     p.add_argument("--gguf", required=True, help="a .gguf file or an asset name")
     p.add_argument("--out", required=True, help="output directory")
@@ -56,13 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from mobiletune.loading import load_model
-    if getattr(args, "adapter", None):
-        raise MobiletuneError("--adapter: LoRA adapters are not available yet in this version")
-    m = load_model(args.model)
+    """(model with jnp params, LoRA context or None)."""
     import jax.numpy as jnp
+
+    from mobiletune.loading import load_model
+    m = load_model(args.model)
+    lctx = None
+    if getattr(args, "adapter", None):
+        from mobiletune.checkpoints.peft import load_adapter
+        lcfg, adapter = load_adapter(args.adapter, m.cfg)
+        m.params.update(adapter)
+        lctx = lcfg.ctx()
     m.params = {k: jnp.asarray(v) for k, v in m.params.items()}
-    return m
+    return m, lctx
 
 
 def cmd_ppl(args) -> int:
@@ -72,7 +91,7 @@ def cmd_ppl(args) -> int:
     if args.seq_len < 2:
         raise MobiletuneError(f"--seq-len {args.seq_len}: must be at least 2")
     text = read_text(args.text)
-    m = _load(args)
+    m, lctx = _load(args)
     ids = m.tokenizer.encode(text, add_special_tokens=False)
     bos = m.tokenizer.bos_id if m.tokenizer.adds_bos else None
     windows = ppl_windows(ids, args.seq_len, args.max_windows, bos)
@@ -80,7 +99,7 @@ def cmd_ppl(args) -> int:
         raise MobiletuneError(f"--seq-len {args.seq_len}: longer than the model's "
                               f"{m.cfg.max_position} positions")
     with Progress(total=windows.size, unit="tok", desc="ppl") as bar:
-        ppl, n = perplexity(m.params, m.cfg, windows, progress=bar.update)
+        ppl, n = perplexity(m.params, m.cfg, windows, progress=bar.update, lora=lctx)
     print(f"model={m.source} windows={len(windows)} seq_len={args.seq_len} bos={bos is not None}")
     print(f"ppl={ppl:.4f} tokens={n}")
     return 0
@@ -88,7 +107,7 @@ def cmd_ppl(args) -> int:
 
 def cmd_generate(args) -> int:
     from mobiletune.generate import generate
-    m = _load(args)
+    m, lctx = _load(args)
     tok = m.tokenizer
     if args.chat:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}],
@@ -99,10 +118,23 @@ def cmd_generate(args) -> int:
     stops = {i for i in (tok.eos_id, *getattr(tok, "stop_ids", ())) if i is not None}
     try:
         out = generate(m.params, m.cfg, ids, args.max_new_tokens, args.temperature, args.seed,
-                       stop_ids=stops)
+                       stop_ids=stops, lora=lctx)
     except ValueError as e:
         raise MobiletuneError(str(e)) from None
     print(tok.decode([t for t in out if t not in stops]))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from mobiletune.recipe import apply_overrides, load_recipe
+    recipe = apply_overrides(load_recipe(args.recipe), args.set)
+    from mobiletune.trainer import train
+    out = args.out or f"out/{recipe.name}"
+    s = train(recipe, out, resume=args.resume)
+    first = s.get("first_val_ppl")
+    print(f"done: {s['step']} steps in {s['seconds']:.0f}s, loss={s['loss']:.4f}"
+          + (f", val_ppl {first:.2f} -> {s['val_ppl']:.2f}" if first and s.get("val_ppl") else "")
+          + f", peak RSS {s['peak_rss_mb']:.0f} MB; outputs in {out}")
     return 0
 
 

@@ -34,20 +34,20 @@ def ppl_windows(ids, seq_len: int, max_windows: int | None, bos_id: int | None) 
     return w
 
 
-@partial(jax.jit, static_argnums=1)
-def sequence_nll(params, cfg, tokens):
+@partial(jax.jit, static_argnums=(1, 3))
+def sequence_nll(params, cfg, tokens, lora=None):
     """Summed NLL of predicting tokens[:, 1:] from their prefixes. tokens: (B, T)."""
-    logits, _ = models.forward(params, cfg, tokens)                   # (B, T, V)
+    logits, _ = models.forward(params, cfg, tokens, lora=lora)        # (B, T, V)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     tgt = tokens[:, 1:]
     return -jnp.take_along_axis(logp, tgt[..., None], axis=-1).sum()
 
 
-def perplexity(params, cfg, windows: np.ndarray, progress=None) -> tuple[float, int]:
+def perplexity(params, cfg, windows: np.ndarray, progress=None, lora=None) -> tuple[float, int]:
     """(perplexity, number of predicted tokens) over model-input windows."""
     total, count = 0.0, 0
     for w in windows:
-        total += float(sequence_nll(params, cfg, jnp.asarray(w[None])))
+        total += float(sequence_nll(params, cfg, jnp.asarray(w[None]), lora))
         count += w.shape[0] - 1
         if progress is not None:
             progress(w.shape[0])

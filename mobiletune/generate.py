@@ -12,9 +12,9 @@ import numpy as np
 from mobiletune import models
 
 
-@partial(jax.jit, static_argnums=1)
-def _step(params, cfg, tokens, cache):
-    logits, cache = models.forward(params, cfg, tokens, cache)
+@partial(jax.jit, static_argnums=(1, 4))
+def _step(params, cfg, tokens, cache, lora=None):
+    logits, cache = models.forward(params, cfg, tokens, cache, lora)
     return logits[:, -1], cache                                        # (B, V)
 
 
@@ -28,7 +28,7 @@ def sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> 
 
 
 def generate(params, cfg, prompt_ids, max_new_tokens: int = 32, temperature: float = 0.0,
-             seed: int = 0, stop_ids=(), on_token=None) -> list[int]:
+             seed: int = 0, stop_ids=(), on_token=None, lora=None) -> list[int]:
     """New token ids after ``prompt_ids`` (stops early at any of ``stop_ids``)."""
     if not prompt_ids:
         raise ValueError("generation needs at least one prompt token")
@@ -38,7 +38,7 @@ def generate(params, cfg, prompt_ids, max_new_tokens: int = 32, temperature: flo
                          f"exceeds the model's {cfg.max_position} positions")
     rng = np.random.default_rng(seed)
     cache = models.new_cache(cfg, batch=1, max_len=max_len)
-    logits, cache = _step(params, cfg, jnp.asarray([prompt_ids], jnp.int32), cache)
+    logits, cache = _step(params, cfg, jnp.asarray([prompt_ids], jnp.int32), cache, lora)
     out = []
     for _ in range(max_new_tokens):
         tok = sample(np.asarray(logits[0]), temperature, rng)
@@ -47,5 +47,5 @@ def generate(params, cfg, prompt_ids, max_new_tokens: int = 32, temperature: flo
             on_token(tok)
         if tok in stop_ids:
             break
-        logits, cache = _step(params, cfg, jnp.asarray([[tok]], jnp.int32), cache)
+        logits, cache = _step(params, cfg, jnp.asarray([[tok]], jnp.int32), cache, lora)
     return out

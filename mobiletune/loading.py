@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from mobiletune import assets
 from mobiletune.errors import DataError, MobiletuneError
 from mobiletune.models.config import ModelConfig
@@ -33,7 +35,36 @@ def resolve_model_path(spec: str) -> Path:
                           f"(assets: {', '.join(sorted(assets.MODEL_ASSETS))})")
 
 
-def load_model(spec: str) -> LoadedModel:
+PRESET_TOKENIZERS = {"gpt2": "gpt2", "qwen2.5": "qwen2.5", "gemma3": "gemma3",
+                     "smollm2": "smollm2-135m"}
+
+
+def preset_tokenizer(name: str):
+    from mobiletune.runtime.tokenizer import Tokenizer
+    key = next((k for k in PRESET_TOKENIZERS if name.startswith(k)), None)
+    if key is None:
+        raise MobiletuneError(f"no tokenizer asset for preset {name!r}")
+    tok = PRESET_TOKENIZERS[key]
+    if tok in assets.MODEL_ASSETS:
+        return gguf_tokenizer(Path(assets.model_path(tok)))
+    files = assets.tokenizer_files(tok)
+    if "merges.txt" in files:
+        return Tokenizer.from_gpt2_files(files["vocab.json"], files["merges.txt"])
+    return Tokenizer.from_file(files["tokenizer.json"], files.get("tokenizer_config.json"))
+
+
+def load_model(spec: str, seed: int = 0) -> LoadedModel:
+    """``preset:<name>`` gives a randomly initialised model of a preset's real shape (seeded),
+    with that family's real tokenizer — for full fine-tuning from scratch and smoke runs."""
+    if spec.startswith("preset:"):
+        import jax
+
+        from mobiletune.models import init_params
+        from mobiletune.models.config import preset
+        name = spec.split(":", 1)[1]
+        cfg = preset(name)
+        params = {k: np.asarray(v) for k, v in init_params(cfg, jax.random.PRNGKey(seed)).items()}
+        return LoadedModel(cfg, params, preset_tokenizer(name), spec)
     path = resolve_model_path(spec)
     if path.is_dir():
         from mobiletune.checkpoints.hf import load_hf_dir

@@ -58,3 +58,21 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
     import torch
     with torch.no_grad():
         return model(torch.as_tensor(tokens)).logits.float().numpy()
+
+
+def tiny_gpt2_dir(path, seed: int = 0, n_layer: int = 2, n_embd: int = 48):
+    """A small random GPT-2 HF directory with the real GPT-2 tokenizer (vocab 50,257), on
+    disk like any user checkpoint: config.json, model.safetensors, tokenizer files."""
+    import jax
+
+    from mobiletune import assets, models
+    from mobiletune.checkpoints.hf import save_hf_dir
+    from mobiletune.models.config import preset
+    from mobiletune.runtime.tokenizer import Tokenizer
+    cfg = preset("gpt2", num_layers=n_layer, hidden_size=n_embd, num_heads=4, num_kv_heads=4,
+                 head_dim=n_embd // 4, intermediate_size=4 * n_embd, max_position=256)
+    params = {k: np.asarray(v) for k, v in models.init_params(cfg, jax.random.PRNGKey(seed)).items()}
+    f = assets.tokenizer_files("gpt2")
+    tok = Tokenizer.from_gpt2_files(f["vocab.json"], f["merges.txt"])
+    save_hf_dir(path, cfg, params, tokenizer=tok)
+    return path
