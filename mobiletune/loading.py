@@ -88,6 +88,15 @@ def gguf_tokenizer(path: Path):
     if (cache / "tokenizer.json").exists():
         return Tokenizer.from_dir(cache)
     tok = tokenizer_from_gguf(path)
+    if tok.chat_template is None and path.name.startswith("gemma-3"):
+        # The Gemma 3 base GGUF carries no chat template; Gemma 3's own (the one in every
+        # google/gemma-3-* tokenizer_config.json) ships with the Gemma tokenizer asset.
+        try:
+            conf = assets.tokenizer_files("gemma3")["tokenizer_config.json"]
+            import json
+            tok.config["chat_template"] = json.loads(conf.read_text("utf-8"))["chat_template"]
+        except (MobiletuneError, KeyError, ValueError):
+            pass
     tok.save(cache)
     return tok
 

@@ -40,11 +40,14 @@ from mobiletune.step import Steps, step_key
 
 def resolve_data(specs) -> list[Path]:
     """Files for data specs: paths, or text assets (``shakespeare:macbeth``, ``botchan``,
-    ``shakespeare:all`` = every play)."""
+    ``shakespeare:all`` = every play), or ``wordnet:define`` (JSONL built from WordNet)."""
     out = []
     for s in specs:
         p = Path(s).expanduser()
-        if not p.exists():
+        if s == "wordnet:define":
+            from mobiletune.wordnet import build_jsonl
+            p = build_jsonl()
+        elif not p.exists():
             if not (":" in s or s in assets.TEXT_ASSETS):
                 raise MobiletuneError(f"data {s!r}: no such file, and not a text asset")
             p = Path(assets.text_path(s))
