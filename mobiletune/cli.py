@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the last checkpoint in --out")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("export", add_help=False,
+                       help="trace a recipe into a LiteRT training bundle (needs the export "
+                            "extra: TensorFlow); `mobiletune export --help` for options")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("convert", help="GGUF file -> Hugging Face directory (fp32 safetensors)")
     p.add_argument("--gguf", required=True, help="a .gguf file or an asset name")
     p.add_argument("--out", required=True, help="output directory")
@@ -136,6 +142,16 @@ def cmd_train(args) -> int:
           + (f", val_ppl {first:.2f} -> {s['val_ppl']:.2f}" if first and s.get("val_ppl") else "")
           + f", peak RSS {s['peak_rss_mb']:.0f} MB; outputs in {out}")
     return 0
+
+
+def cmd_export(args) -> int:
+    """The exporter is its own package (the only one that imports TensorFlow); mobiletune
+    never imports it, so it runs as ``python -m export``."""
+    import importlib.util
+    import subprocess
+    if importlib.util.find_spec("export") is None or importlib.util.find_spec("tensorflow") is None:
+        raise MobiletuneError("export needs the export extra: pip install 'mobiletune[export]'")
+    return subprocess.call([sys.executable, "-m", "export", *args.rest])
 
 
 def cmd_convert(args) -> int:

@@ -20,7 +20,9 @@ def _chunk_nll(h, w, tgt, mask, softcap):
     if softcap is not None:
         logits = jnp.tanh(logits / softcap) * softcap
     lse = jax.nn.logsumexp(logits, axis=-1)                           # (B, C)
-    picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+    # the target logit through a one-hot product, not a gather: its gradient is then
+    # elementwise, where a gather's is a scatter-add (which LiteRT handles poorly)
+    picked = (logits * jax.nn.one_hot(tgt, logits.shape[-1], dtype=logits.dtype)).sum(-1)
     return ((lse - picked) * mask).sum()
 
 

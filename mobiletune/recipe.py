@@ -61,6 +61,13 @@ class Recipe:
     def batch_size(self) -> int:
         return self.micro_batch * self.accumulation
 
+    def data_config(self):
+        """The shared data pipeline's settings (desktop and phone build the same batches)."""
+        from mobiletune.runtime.data import DataConfig
+        return DataConfig(seq_len=self.seq_len, seed=self.seed,
+                          val_fraction=0.0 if self.val_data else self.val_fraction,
+                          mask_prompt=self.mask_prompt, truncate=self.truncate)
+
     def to_dict(self) -> dict:
         return _to_jsonable(dataclasses.asdict(self))
 

@@ -77,9 +77,7 @@ def prepare_run(recipe: Recipe, out: Path) -> tuple[Run, dict]:
     m = load_model(recipe.model, seed=recipe.seed)
     if recipe.seq_len > m.cfg.max_position - 1:
         raise MobiletuneError(f"seq_len={recipe.seq_len}: the model has {m.cfg.max_position} positions")
-    dcfg = D.DataConfig(seq_len=recipe.seq_len, seed=recipe.seed,
-                        val_fraction=0.0 if recipe.val_data else recipe.val_fraction,
-                        mask_prompt=recipe.mask_prompt, truncate=recipe.truncate)
+    dcfg = recipe.data_config()
     prep = D.prepare(resolve_data(recipe.data), m.tokenizer, dcfg,
                      val_paths=resolve_data(recipe.val_data) if recipe.val_data else None)
     for w in prep.warnings[:20]:
@@ -87,6 +85,14 @@ def prepare_run(recipe: Recipe, out: Path) -> tuple[Run, dict]:
     if len(prep.train) < recipe.batch_size:
         raise MobiletuneError(f"data: {len(prep.train)} training examples of {recipe.seq_len + 1} "
                               f"tokens, fewer than one batch of {recipe.batch_size}")
+    steps, trainable, frozen = build_steps(recipe, m)
+    oc = dataclasses.replace(recipe.optim, total_steps=recipe.steps)
+    return Run(recipe, m, prep.train, prep.val, steps, frozen, out, schedule(oc)), trainable
+
+
+def build_steps(recipe: Recipe, m: LoadedModel) -> tuple[Steps, dict, dict]:
+    """(step functions, initial trainable params, frozen params) for a recipe and model.
+    Consumes ``m.params`` (moved to the device as jax arrays)."""
     params = {k: jnp.asarray(v) for k, v in m.params.items()}
     m.params = None  # the numpy copy is no longer needed
     oc = dataclasses.replace(recipe.optim, total_steps=recipe.steps)
@@ -97,7 +103,7 @@ def prepare_run(recipe: Recipe, out: Path) -> tuple[Run, dict]:
         trainable, frozen = params, {}
     steps = Steps(m.cfg, recipe.lora.resolved(m.cfg) if recipe.lora else None,
                   make_optimizer(oc), recipe.loss_chunk)
-    return Run(recipe, m, prep.train, prep.val, steps, frozen, out, schedule(oc)), trainable
+    return steps, trainable, frozen
 
 
 def evaluate(run: Run, fns, trainable) -> float | None:

@@ -96,7 +96,7 @@ def save(path: str | Path, tensors: dict[str, np.ndarray], meta: dict | None = N
     path = Path(path)
     header, offset, arrays = {}, 0, []
     for name in sorted(tensors):
-        a = np.ascontiguousarray(np.asarray(tensors[name]))
+        a = np.asarray(tensors[name], order="C")  # (ascontiguousarray would make 0-d 1-d)
         dt = "BF16" if a.dtype.name == "bfloat16" else _NAMES.get(a.dtype)
         if dt is None:
             raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {a.dtype}")
@@ -138,6 +138,9 @@ class atomic_writer:
                 os.fsync(self.f.fileno())
             self.f.close()
             if exc_type is None:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; files are data
                 os.replace(self.tmp, self.path)
                 _fsync_dir(self.path.parent)
         finally:

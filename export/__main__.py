@@ -1,0 +1,44 @@
+"""``python -m export RECIPE.py --out BUNDLE [--set key=value ...] [--variants 1,2,4]``
+(also ``mobiletune export``): trace a recipe into a LiteRT training bundle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mobiletune.errors import MobiletuneError
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="mobiletune export", description=__doc__.split("\n")[0])
+    ap.add_argument("recipe", help="recipe file")
+    ap.add_argument("--out", required=True, help="bundle directory to write")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe field (as for `mobiletune train`)")
+    ap.add_argument("--variants", default=None,
+                    help="micro-batch sizes to export, comma-separated (default: every divisor "
+                         "of the effective batch up to micro_batch)")
+    ap.add_argument("--no-verify", action="store_true", help="skip the fresh-process check")
+    args = ap.parse_args(argv)
+    try:
+        from export.build import export_bundle, report_lines
+        from mobiletune.recipe import apply_overrides, load_recipe
+        recipe = apply_overrides(load_recipe(args.recipe), args.set)
+        if args.variants:
+            try:
+                variants = [int(v) for v in args.variants.split(",")]
+            except ValueError:
+                raise MobiletuneError(f"--variants {args.variants!r}: expected integers") from None
+        else:
+            variants = [v for v in range(1, recipe.micro_batch + 1) if recipe.batch_size % v == 0]
+        rep = export_bundle(recipe, args.out, variants, verify=not args.no_verify)
+    except MobiletuneError as e:
+        print(f"mobiletune: error: {e}", file=sys.stderr)
+        return 2
+    for line in report_lines(rep):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Trace a ``mobiletune.program.Program`` into a builtin-ops-only LiteRT program.
+
+Route (see shared notes/litert-export.md): ``jax2tf.convert`` (native StableHLO) inside a
+``tf.Module`` whose ``tf.Variable``s hold the state → SavedModel with one signature per
+bundle signature → ``TFLiteConverter`` with TFLITE_BUILTINS only and resource variables.
+
+Two things the converter would get wrong are handled here:
+* frozen base weights are variables (zero-initialised, set once by ``set_frozen``), not
+  constants: a constant gets a second, constant-folded transposed copy for the backward
+  pass, and all-zero initial values are stored as splats, so no weight is stored twice;
+* ``STABLEHLO_SCATTER`` (the gradient of an embedding gather) carries its update
+  computation as a subgraph of TFL ``ADD``, which the LiteRT kernel rejects: we rewrite
+  those to ``STABLEHLO_ADD`` in the flatbuffer.
+Any op that is not a builtin (Flex / custom) fails the export with the list of them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+from jax.experimental import jax2tf  # noqa: E402
+
+from mobiletune.errors import MobiletuneError  # noqa: E402
+from mobiletune.runtime.bundle import (  # noqa: E402
+    Signature,
+    TensorSpec,
+    input_name,
+    train_signatures,
+)
+
+_DT = {"float32": tf.float32, "int32": tf.int32}
+
+
+class ExportError(MobiletuneError):
+    pass
+
+
+def build_module(program, frozen_specs, variants):
+    """(tf.Module, {signature name: concrete function}, [Signature])."""
+    m = tf.Module()
+    state_specs = program.state_specs()
+    m.state = {s.name: tf.Variable(tf.zeros(s.shape, _DT[s.dtype]), name=input_name(s.name))
+               for s in state_specs}
+    m.frozen = {s.name: tf.Variable(tf.zeros(s.shape, _DT[s.dtype]), name=input_name(s.name))
+                for s in frozen_specs}
+
+    def read(vs):
+        return {n: v.read_value() for n, v in vs.items()}
+
+    def assign(upd):
+        for n, val in upd.items():
+            m.state[n].assign(val)
+
+    sigs, meta = {}, []
+
+    def add(name, jax_fn, in_specs, updates_state):
+        conv = jax2tf.convert(jax_fn, with_gradient=False)
+        spec = {s.name: tf.TensorSpec(s.shape, _DT[s.dtype], name=s.name) for s in in_specs}
+
+        def body(args):
+            upd, out = conv(read(m.state), read(m.frozen), *[args[s.name] for s in in_specs])
+            if updates_state:
+                assign(upd)
+            return out
+
+        f = tf.function(body, input_signature=[spec], autograph=False)
+        sigs[name] = f.get_concrete_function()
+        outs = sigs[name].structured_outputs
+        meta.append(Signature(name, tuple(in_specs), tuple(
+            TensorSpec(k, tuple(v.shape), v.dtype.name) for k, v in sorted(outs.items()))))
+
+    for k in variants:
+        t_name, a_name, e_name = train_signatures(k)
+        b = program.batch_specs(k)
+        add(t_name, program.train_step, b, True)
+        add(a_name, program.accumulate, b, True)
+        add(e_name, program.eval, b, False)
+    add("apply", program.apply, (), True)
+    add("infer", program.infer, program.infer_specs(), False)
+
+    get = tf.function(lambda: read(m.state), input_signature=[], autograph=False)
+    sigs["get_state"] = get.get_concrete_function()
+    meta.append(Signature("get_state", (), state_specs))
+    for group, specs in (("set_state", state_specs), ("set_frozen", frozen_specs)):
+        if not specs:
+            continue
+        vs = m.state if group == "set_state" else m.frozen
+        in_spec = {s.name: tf.TensorSpec(s.shape, _DT[s.dtype], name=input_name(s.name)) for s in specs}
+
+        f = tf.function(_setter(vs), input_signature=[in_spec], autograph=False)
+        sigs[group] = f.get_concrete_function()
+        meta.append(Signature(group, tuple(TensorSpec(input_name(s.name), s.shape, s.dtype) for s in specs),
+                              (TensorSpec("ok", (), "int32"),)))
+    return m, sigs, meta
+
+
+def _setter(vs):
+    def setter(args):
+        for n, v in vs.items():
+            v.assign(args[n])
+        return {"ok": tf.constant(1, tf.int32)}
+    return setter
+
+
+def convert(module, sigs) -> tuple[bytes, float]:
+    """(flatbuffer bytes, seconds). Builtins only; the scatter regions are fixed."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mobiletune-savedmodel-") as d:
+        tf.saved_model.save(module, d, signatures=sigs)
+        conv = tf.lite.TFLiteConverter.from_saved_model(d, signature_keys=list(sigs))
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        conv.experimental_enable_resource_variables = True
+        conv._experimental_unfold_large_splat_constant = True
+        try:
+            flat = conv.convert()
+        except Exception as e:  # the converter's own message lists the unsupported ops
+            raise ExportError(f"LiteRT conversion failed: {str(e).strip().splitlines()[-1]}") from None
+    flat = fix_scatter_regions(flat)
+    check_builtins_only(flat)
+    return flat, time.perf_counter() - t0
+
+
+def _model(flat: bytes):
+    from tensorflow.lite.python import schema_py_generated as S
+    return S, S.ModelT.InitFromObj(S.Model.GetRootAsModel(flat, 0))
+
+
+def _code(op_code) -> int:
+    return max(op_code.builtinCode, op_code.deprecatedBuiltinCode)
+
+
+def check_builtins_only(flat: bytes) -> None:
+    S, model = _model(flat)
+    names = {v: k for k, v in vars(S.BuiltinOperator).items() if not k.startswith("_")}
+    bad = set()
+    for sg in model.subgraphs:
+        for op in sg.operators or []:
+            oc = model.operatorCodes[op.opcodeIndex]
+            if _code(oc) == S.BuiltinOperator.CUSTOM:
+                bad.add((oc.customCode or b"?").decode() if isinstance(oc.customCode, bytes)
+                        else str(oc.customCode))
+            elif _code(oc) not in names:
+                bad.add(f"builtin#{_code(oc)}")
+    if bad:
+        raise ExportError(f"the program needs non-builtin ops {sorted(bad)}; the LiteRT "
+                          f"interpreter cannot run them (Flex is not available on the phone)")
+
+
+def fix_scatter_regions(flat: bytes) -> bytes:
+    """Rewrite TFL ADD -> STABLEHLO_ADD inside STABLEHLO_SCATTER update subgraphs."""
+    import flatbuffers
+    S, model = _model(flat)
+    regions = set()
+    for sg in model.subgraphs:
+        for op in sg.operators or []:
+            if _code(model.operatorCodes[op.opcodeIndex]) == S.BuiltinOperator.STABLEHLO_SCATTER:
+                regions.add(op.builtinOptions2.updateComputationSubgraphIndex)
+    if not regions:
+        return flat
+    add_idx = None
+    for i, oc in enumerate(model.operatorCodes):
+        if _code(oc) == S.BuiltinOperator.STABLEHLO_ADD:
+            add_idx = i
+    if add_idx is None:
+        oc = S.OperatorCodeT()
+        oc.builtinCode = S.BuiltinOperator.STABLEHLO_ADD
+        oc.deprecatedBuiltinCode = S.BuiltinOperator.PLACEHOLDER_FOR_GREATER_OP_CODES
+        oc.version = 1
+        model.operatorCodes.append(oc)
+        add_idx = len(model.operatorCodes) - 1
+    changed = 0
+    for r in regions:
+        for op in model.subgraphs[r].operators or []:
+            if _code(model.operatorCodes[op.opcodeIndex]) == S.BuiltinOperator.ADD:
+                op.opcodeIndex = add_idx
+                op.builtinOptionsType = S.BuiltinOptions.NONE
+                op.builtinOptions = None
+                changed += 1
+    b = flatbuffers.Builder(len(flat) + 1024)
+    b.Finish(model.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+

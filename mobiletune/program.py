@@ -1,0 +1,134 @@
+"""The bundle's signatures as pure JAX functions over a flat, named state.
+
+This is the JAX reference of a training bundle: ``export/`` traces exactly these functions
+into LiteRT, and the tests run them side by side with the LiteRT interpreter. Names follow
+the contract in ``mobiletune.runtime.bundle`` (``trainable/…``, ``opt/…``, ``acc/…``,
+``acc_nll``, ``acc_count``, ``frozen/…``).
+
+Every function takes ``(state, frozen, *inputs)`` and returns ``(state updates, outputs)``:
+dicts keyed by contract names, so the TF module assigns the updates to its variables.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mobiletune import models
+from mobiletune.errors import MobiletuneError
+from mobiletune.runtime.bundle import TensorSpec
+from mobiletune.step import Accum, Steps, TrainState
+
+
+def _key_str(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+class Program:
+    def __init__(self, steps: Steps, trainable: dict, frozen: dict, seq_len: int):
+        if steps.lcfg is not None and steps.lcfg.dropout > 0:
+            raise MobiletuneError(f"lora.dropout={steps.lcfg.dropout}: bundles train without "
+                                  f"dropout (LiteRT has no random ops); --set lora.dropout=0")
+        self.steps, self.seq_len, self.cfg = steps, seq_len, steps.cfg
+        self.trainable_names = sorted(trainable)
+        self.frozen_names = sorted(frozen)
+        opt0 = steps.optimizer.init(trainable)
+        paths, self.opt_treedef = jax.tree_util.tree_flatten_with_path(opt0)
+        self.opt_names = ["opt/" + "/".join(_key_str(k) for k in p) for p, _ in paths]
+        if len(set(self.opt_names)) != len(self.opt_names):
+            raise MobiletuneError("optimizer state has colliding leaf names")
+        self._opt0 = [leaf for _, leaf in paths]
+        self._trainable0 = trainable
+
+    # --- the state layout ---------------------------------------------------------------
+    def initial_state(self) -> dict[str, np.ndarray]:
+        s = {f"trainable/{k}": np.asarray(self._trainable0[k]) for k in self.trainable_names}
+        s.update({n: np.asarray(v) for n, v in zip(self.opt_names, self._opt0)})
+        s.update({f"acc/{k}": np.zeros_like(np.asarray(self._trainable0[k]))
+                  for k in self.trainable_names})
+        s["acc_nll"] = np.zeros((), np.float32)
+        s["acc_count"] = np.zeros((), np.float32)
+        return s
+
+    def state_specs(self) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(n, tuple(v.shape), str(v.dtype))
+                     for n, v in sorted(self.initial_state().items()))
+
+    def frozen_specs(self, frozen: dict) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(f"frozen/{k}", tuple(np.shape(frozen[k])),
+                                str(np.asarray(frozen[k]).dtype)) for k in self.frozen_names)
+
+    def _unpack(self, state) -> tuple[TrainState, Accum]:
+        tr = {k: state[f"trainable/{k}"] for k in self.trainable_names}
+        opt = jax.tree.unflatten(self.opt_treedef, [state[n] for n in self.opt_names])
+        step = jnp.asarray(self._opt_count(opt), jnp.int32)
+        acc = Accum({k: state[f"acc/{k}"] for k in self.trainable_names}, state["acc_nll"],
+                    state["acc_count"])
+        return TrainState(tr, opt, step), acc
+
+    def _opt_count(self, opt):
+        counts = [leaf for n, leaf in zip(self.opt_names, jax.tree.leaves(opt))
+                  if n.endswith("/count")]
+        return counts[-1] if counts else 0
+
+    def _pack_train(self, ts: TrainState) -> dict:
+        out = {f"trainable/{k}": ts.trainable[k] for k in self.trainable_names}
+        out.update(dict(zip(self.opt_names, jax.tree.leaves(ts.opt_state))))
+        return out
+
+    def _pack_acc(self, acc: Accum) -> dict:
+        out = {f"acc/{k}": acc.grads[k] for k in self.trainable_names}
+        out.update(acc_nll=acc.nll, acc_count=acc.count)
+        return out
+
+    @staticmethod
+    def _frozen(frozen) -> dict:
+        return {k[len("frozen/"):]: v for k, v in frozen.items()}
+
+    # --- signatures -----------------------------------------------------------------------
+    def accumulate(self, state, frozen, inputs, targets, loss_mask):
+        ts, acc = self._unpack(state)
+        batch = {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
+        before_nll, before_count = acc.nll, acc.count
+        acc = self.steps.accumulate(acc, ts.trainable, self._frozen(frozen), batch, None)
+        return self._pack_acc(acc), {"nll": acc.nll - before_nll, "count": acc.count - before_count}
+
+    def apply(self, state, frozen):
+        ts, acc = self._unpack(state)
+        new, loss = self.steps.apply(ts, acc)
+        upd = self._pack_train(new)
+        upd.update(self._pack_acc(self.steps.zero_accum(ts.trainable)))
+        return upd, {"loss": loss, "step": self._opt_count(new.opt_state).astype(jnp.int32)}
+
+    def train_step(self, state, frozen, inputs, targets, loss_mask):
+        ts, _ = self._unpack(state)
+        batch = {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
+        new, loss = self.steps.train_step(ts, self._frozen(frozen), batch, None)
+        return self._pack_train(new), {"loss": loss}
+
+    def eval(self, state, frozen, inputs, targets, loss_mask):
+        ts, _ = self._unpack(state)
+        batch = {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
+        nll, count = self.steps.eval_nll(ts.trainable, self._frozen(frozen), batch)
+        return {}, {"nll": nll, "count": count}
+
+    def infer(self, state, frozen, tokens, last):
+        ts, _ = self._unpack(state)
+        params = {**self._frozen(frozen), **ts.trainable}
+        lora = None if self.steps.lcfg is None else self.steps.lcfg.ctx()
+        h, _ = models.hidden_states(params, self.cfg, tokens, lora=lora)   # (1, T, D)
+        h_last = jax.lax.dynamic_slice_in_dim(h, last, 1, axis=1)          # (1, 1, D)
+        logits = models.unembed(params, self.cfg, h_last)[0, 0]            # (V,)
+        return {}, {"logits": logits}
+
+    def batch_specs(self, k: int) -> tuple[TensorSpec, ...]:
+        t = self.seq_len
+        return (TensorSpec("inputs", (k, t), "int32"), TensorSpec("targets", (k, t), "int32"),
+                TensorSpec("loss_mask", (k, t), "float32"))
+
+    def infer_specs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("tokens", (1, self.seq_len), "int32"), TensorSpec("last", (), "int32"))

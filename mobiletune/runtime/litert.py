@@ -1,0 +1,135 @@
+"""Run a training bundle in the LiteRT interpreter (the phone side: numpy + ai_edge_litert).
+
+``BundleRunner.open(dir)`` validates the manifest (schema version, file sizes and hashes),
+loads the program, checks that every signature the manifest names exists with the same
+inputs, loads the frozen base weights and the initial (or a given) state, and then exposes
+the signatures as methods over numpy arrays.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mobiletune.runtime import safetensors_io as st
+from mobiletune.runtime.bundle import (
+    BASE,
+    PROGRAM,
+    STATE,
+    BundleError,
+    Manifest,
+    input_name,
+    read_manifest,
+    train_signatures,
+    verify_files,
+)
+
+
+class BundleRunner:
+    def __init__(self, bundle_dir: Path, manifest: Manifest, interpreter):
+        self.dir, self.manifest, self.it = bundle_dir, manifest, interpreter
+        self._runners = {}
+
+    @classmethod
+    def open(cls, bundle_dir, threads: int | None = None, state: dict | None = None,
+             verify: bool = True) -> "BundleRunner":
+        from ai_edge_litert.interpreter import Interpreter
+        d = Path(bundle_dir)
+        m = read_manifest(d)
+        if verify:
+            verify_files(d, m)
+        try:
+            it = Interpreter(model_path=str(d / PROGRAM), num_threads=threads)
+        except (ValueError, RuntimeError) as e:
+            raise BundleError(f"{d / PROGRAM}: LiteRT cannot load the program ({e})") from None
+        have = it.get_signature_list()
+        for sig in m.signatures:
+            if sig.name not in have:
+                raise BundleError(f"{d / PROGRAM}: signature {sig.name!r} named in the manifest "
+                                  f"is missing from the program")
+            want = sorted(s.name for s in sig.inputs)
+            if sorted(have[sig.name]["inputs"]) != want:
+                raise BundleError(f"{d / PROGRAM}: signature {sig.name!r} takes "
+                                  f"{sorted(have[sig.name]['inputs'])[:4]}..., the manifest says "
+                                  f"{want[:4]}...")
+        r = cls(d, m, it)
+        if m.frozen:
+            r._run("set_frozen", {input_name(k): v for k, v in _load(d / BASE).items()})
+        if state is None:
+            r.set_state(_load(d / STATE), zeros_for_missing=True)
+        else:
+            r.set_state(state)
+        return r
+
+    def _run(self, name: str, inputs: dict) -> dict:
+        if name not in self._runners:
+            self._runners[name] = self.it.get_signature_runner(name)
+        try:
+            return self._runners[name](**inputs)
+        except ValueError as e:
+            raise BundleError(f"signature {name!r}: {e}") from None
+
+    # --- state ------------------------------------------------------------------------
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Contract name -> array, in the manifest's shapes (LiteRT hands scalars out as
+        shape (1,))."""
+        out = self._run("get_state", {})
+        return {s.name: np.array(out[s.name]).reshape(s.shape) for s in self.manifest.state}
+
+    def set_state(self, state: dict[str, np.ndarray], zeros_for_missing: bool = False) -> None:
+        """Load a full state. The bundle's ``state.safetensors`` leaves out tensors that
+        start at zero (accumulators, optimizer moments); ``zeros_for_missing`` fills them."""
+        specs = {s.name: s for s in self.manifest.state}
+        if zeros_for_missing:
+            state = {**{n: np.zeros(s.shape, s.dtype) for n, s in specs.items()}, **state}
+        missing = sorted(set(specs) - set(state))
+        if missing:
+            raise BundleError(f"state lacks tensor {missing[0]!r} (and {len(missing) - 1} more)")
+        inputs = {}
+        for name, spec in specs.items():
+            a = np.asarray(state[name])
+            if tuple(a.shape) != tuple(spec.shape) or a.dtype != np.dtype(spec.dtype):
+                raise BundleError(f"state tensor {name!r}: {a.dtype}{list(a.shape)}, the bundle "
+                                  f"needs {spec.dtype}{list(spec.shape)}")
+            inputs[input_name(name)] = np.asarray(a, order="C")
+        self._run("set_state", inputs)
+
+    # --- training ---------------------------------------------------------------------
+    def _batch(self, k: int, batch: dict) -> dict:
+        if k not in self.manifest.variants:
+            raise BundleError(f"micro-batch {k} has no signatures; variants: "
+                              f"{list(self.manifest.variants)}")
+        return {"inputs": np.asarray(batch["inputs"], np.int32),
+                "targets": np.asarray(batch["targets"], np.int32),
+                "loss_mask": np.asarray(batch["loss_mask"], np.float32)}
+
+    def train_step(self, batch: dict) -> float:
+        k = len(batch["inputs"])
+        return float(self._run(train_signatures(k)[0], self._batch(k, batch))["loss"])
+
+    def accumulate(self, batch: dict) -> tuple[float, float]:
+        k = len(batch["inputs"])
+        out = self._run(train_signatures(k)[1], self._batch(k, batch))
+        return float(out["nll"]), float(out["count"])
+
+    def apply(self) -> tuple[float, int]:
+        out = self._run("apply", {})
+        return float(out["loss"]), int(out["step"])
+
+    def eval(self, batch: dict) -> tuple[float, float]:
+        k = len(batch["inputs"])
+        out = self._run(train_signatures(k)[2], self._batch(k, batch))
+        return float(out["nll"]), float(out["count"])
+
+    def infer(self, tokens, last: int) -> np.ndarray:
+        t = np.zeros((1, self.manifest.seq_len), np.int32)
+        t[0, : len(tokens)] = tokens
+        return np.array(self._run("infer", {"tokens": t, "last": np.int32(last)})["logits"])
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return st.load(path, mmap=False)
+    except st.SafetensorsError as e:
+        raise BundleError(str(e)) from None
