@@ -15,7 +15,12 @@ def plot_losses(metrics: Path, png: Path, title: str = "") -> Path:
     va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     if tr:
-        ax.plot(*zip(*tr), label="train loss", lw=1)
+        ax.plot(*zip(*tr), label="train loss", lw=0.8, alpha=0.45)
+        ema, smooth = tr[0][1], []
+        for step, loss in tr:  # exponential moving average, for the trend
+            ema = 0.9 * ema + 0.1 * loss
+            smooth.append((step, ema))
+        ax.plot(*zip(*smooth), label="train loss (EMA 0.9)", lw=1.5)
     if va:
         ax.plot(*zip(*va), "o-", label="validation loss", lw=1.5, ms=4)
     ax.set_xlabel("optimizer step")
