@@ -103,7 +103,8 @@ def export_bundle(recipe: Recipe, out, variants=(1, 2, 4), verify: bool = True) 
                    "adds_bos": tok.adds_bos},
         tools={"mobiletune": mobiletune.__version__, "jax": _version("jax"),
                "tensorflow": _version("tensorflow-cpu") or _version("tensorflow"),
-               "ai-edge-litert": _version("ai-edge-litert")})
+               "ai-edge-litert": _version("ai-edge-litert")},
+        extra={"hf_config": prog.cfg.to_hf_dict(), "base_model": recipe.model})
     st.write_text_atomic(tmp / MANIFEST, manifest.to_json())
     if out.exists():
         shutil.rmtree(out)

@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("device", add_help=False,
+                       help="the phone side: train / generate with a bundle "
+                            "(`mobiletune device --help`; same as python -m mobiletune.runtime)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_device)
+
     p = sub.add_parser("convert", help="GGUF file -> Hugging Face directory (fp32 safetensors)")
     p.add_argument("--gguf", required=True, help="a .gguf file or an asset name")
     p.add_argument("--out", required=True, help="output directory")
@@ -93,7 +99,7 @@ def _load(args):
 def cmd_ppl(args) -> int:
     from mobiletune.evaluate import perplexity, ppl_windows
     from mobiletune.loading import read_text
-    from mobiletune.progress import Progress
+    from mobiletune.runtime.progress import Progress
     if args.seq_len < 2:
         raise MobiletuneError(f"--seq-len {args.seq_len}: must be at least 2")
     text = read_text(args.text)
@@ -152,6 +158,11 @@ def cmd_export(args) -> int:
     if importlib.util.find_spec("export") is None or importlib.util.find_spec("tensorflow") is None:
         raise MobiletuneError("export needs the export extra: pip install 'mobiletune[export]'")
     return subprocess.call([sys.executable, "-m", "export", *args.rest])
+
+
+def cmd_device(args) -> int:
+    from mobiletune.runtime.cli import main as device_main
+    return device_main(args.rest, prog="mobiletune device")
 
 
 def cmd_convert(args) -> int:

@@ -78,13 +78,17 @@ def load_model(spec: str, seed: int = 0) -> LoadedModel:
     raise MobiletuneError(f"--model {spec!r}: expected a Hugging Face directory or a .gguf file")
 
 
+GGUF_TOKENIZER_CACHE_VERSION = 2  # bump when what we build from a GGUF changes
+
+
 def gguf_tokenizer(path: Path):
     """The tokenizer stored in a GGUF, built once and cached as tokenizer.json beside the
     other assets (building Gemma's 262k-piece BPE takes a while)."""
     from mobiletune.checkpoints.gguf_tokenizer import tokenizer_from_gguf
     from mobiletune.runtime.tokenizer import Tokenizer
     st = path.stat()
-    cache = assets.cache_dir() / "gguf-tokenizers" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    cache = (assets.cache_dir() / "gguf-tokenizers"
+             / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}-v{GGUF_TOKENIZER_CACHE_VERSION}")
     if (cache / "tokenizer.json").exists():
         return Tokenizer.from_dir(cache)
     tok = tokenizer_from_gguf(path)

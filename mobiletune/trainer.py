@@ -31,9 +31,9 @@ from mobiletune import assets, lora
 from mobiletune.errors import MobiletuneError
 from mobiletune.loading import LoadedModel, load_model
 from mobiletune.optim import make_optimizer, schedule
-from mobiletune.progress import Progress
 from mobiletune.recipe import Recipe
 from mobiletune.runtime import data as D
+from mobiletune.runtime.progress import Progress
 from mobiletune.runtime.safetensors_io import write_text_atomic
 from mobiletune.step import Steps, step_key
 

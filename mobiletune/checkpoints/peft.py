@@ -16,10 +16,8 @@ from mobiletune.errors import CheckpointError
 from mobiletune.lora import LoraConfig, targets
 from mobiletune.models.config import ModelConfig
 from mobiletune.runtime import safetensors_io as st
+from mobiletune.runtime.peft_io import CONFIG, PREFIX, WEIGHTS, write_adapter
 
-PREFIX = "base_model.model."
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
 # PEFT keys that change the math; we refuse any non-default value rather than ignore it.
 _UNSUPPORTED = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
                 "lora_bias": False, "modules_to_save": None, "layer_replication": None,
@@ -29,19 +27,8 @@ _UNSUPPORTED = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bia
 
 def save_adapter(path, adapter: dict, cfg: ModelConfig, lcfg: LoraConfig,
                  base_model: str | None = None, extra_meta: dict | None = None) -> Path:
-    d = Path(path)
-    lc = lcfg.resolved(cfg)
-    tm = lc.target_modules if isinstance(lc.target_modules, str) else sorted(lc.target_modules)
-    conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lc.r, "lora_alpha": lc.alpha,
-            "lora_dropout": lc.dropout, "target_modules": tm, "use_rslora": lc.use_rslora,
-            "fan_in_fan_out": cfg.family == "gpt2", "bias": "none", "inference_mode": True,
-            "init_lora_weights": True, "modules_to_save": None,
-            "layers_to_transform": list(lc.layers_to_transform) if lc.layers_to_transform else None,
-            "base_model_name_or_path": base_model, "revision": None}
-    tensors = {PREFIX + k: np.asarray(v, np.float32) for k, v in adapter.items()}
-    st.save(d / WEIGHTS, tensors, meta={"format": "pt", **(extra_meta or {})})
-    st.write_text_atomic(d / CONFIG, json.dumps(conf, indent=2) + "\n")
-    return d
+    return write_adapter(path, adapter, lcfg.resolved(cfg).to_dict(), cfg.family, base_model,
+                         extra_meta)
 
 
 def load_adapter(path, cfg: ModelConfig) -> tuple[LoraConfig, dict]:

@@ -1,0 +1,5 @@
+import sys
+
+from mobiletune.runtime.cli import main
+
+sys.exit(main())

@@ -1,0 +1,193 @@
+"""The device trainer (LiteRT bundle, numpy runtime) against the desktop trainer (JAX), under
+a draining battery, across kill -9, and in a virtual environment with only the runtime
+extra. One small GPT-2 (real GPT-2 tokenizer) LoRA bundle is exported once per session."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from mobiletune.runtime import safetensors_io as st  # noqa: E402
+from mobiletune.runtime.device import device_train  # noqa: E402
+from tests.tiny import tiny_gpt2_dir  # noqa: E402
+
+RECIPE = """
+from mobiletune.recipe import Recipe
+from mobiletune.lora import LoraConfig
+from mobiletune.optim import OptimConfig
+recipe = Recipe(name="device", model={model!r}, data=({data!r},), seq_len=24, micro_batch=4,
+                accumulation=1, steps=8, val_fraction=0.1,
+                lora=LoraConfig(r=4, alpha=8, target_modules=("c_attn", "c_fc")),
+                optim=OptimConfig(lr=5e-3, warmup_steps=2), eval_every=0, checkpoint_every=4)
+"""
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    from export.build import export_bundle
+    from mobiletune import assets
+    from mobiletune.recipe import load_recipe
+    root = tmp_path_factory.mktemp("device")
+    model = tiny_gpt2_dir(root / "model")
+    text = assets.read_text("botchan")[:20000]
+    data = root / "data.txt"
+    data.write_text(text, encoding="utf-8")
+    rfile = root / "recipe.py"
+    rfile.write_text(RECIPE.format(model=str(model), data=str(data)))
+    recipe = load_recipe(rfile)
+    export_bundle(recipe, root / "bundle", variants=(1, 2, 4))
+    return root, rfile, recipe, root / "bundle", data
+
+
+def losses(metrics: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in metrics.read_text().splitlines() if '"loss"' in x]
+
+
+@pytest.fixture(scope="session")
+def reference_run(setup):
+    root, _, _, bundle, data = setup
+    out = root / "ref"
+    r = device_train(bundle, [data], out, battery="none")
+    assert r.finished and r.step == 8
+    return out
+
+
+def test_device_equals_desktop(setup, reference_run):
+    from mobiletune.trainer import train
+    root, _, recipe, _, _ = setup
+    desk = root / "desktop"
+    train(recipe, desk)
+    ld, lp = losses(desk / "metrics.jsonl"), losses(reference_run / "metrics.jsonl")
+    assert len(ld) == len(lp) == 8
+    assert max(abs(a - b) for a, b in zip(ld, lp)) <= 1e-5, (ld, lp)
+    a = st.load(desk / "adapter" / "adapter_model.safetensors")
+    b = st.load(reference_run / "adapter" / "adapter_model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], atol=1e-5, err_msg=k)
+
+
+def test_phone_adapter_loads_on_the_desktop(setup, reference_run, capsys):
+    from mobiletune.cli import main
+    root, _, recipe, _, data = setup
+    assert main(["ppl", "--model", recipe.model, "--adapter", str(reference_run / "adapter"),
+                 "--text", str(data), "--seq-len", "64", "--max-windows", "2"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ppl=")
+
+
+def test_draining_battery_switches_pauses_resumes_and_ends_equal(setup, reference_run, tmp_path):
+    root, _, _, bundle, data = setup
+    from mobiletune.runtime.battery import SimClock
+
+    class PhoneClock(SimClock):
+        """As if every optimizer step took a phone 60 s (throttle sleeps come on top)."""
+        def advance(self, s):
+            self.t += 60.0
+
+    trace = tmp_path / "trace.csv"
+    # time s, level %, charging, temperature C: full -> draining -> low -> charging
+    trace.write_text("time,level,charging,temperature\n"
+                     "0,90,false,30\n120,60,false,33\n240,35,false,36\n"
+                     "350,15,false,36\n3600,30,true,34\n")
+    out = tmp_path / "battery"
+    r = device_train(bundle, [data], out, battery=f"trace:{trace}", clock=PhoneClock())
+    assert r.finished
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in rows if "loss" in x]
+    events = [x["event"] for x in rows if "event" in x]
+    assert len({x["variant"] for x in steps}) >= 2, "no variant switch"
+    assert any(x["sleep"] > 0 for x in steps), "no throttle"
+    assert "pause" in events and "resume" in events
+    assert [x["variant"] for x in steps] == [4, 4, 2, 2, 1, 1, 4, 4]
+    assert all(x["charging"] for x in steps[6:])
+    a = st.load(reference_run / "adapter" / "adapter_model.safetensors")
+    b = st.load(out / "adapter" / "adapter_model.safetensors")
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], atol=1e-6, err_msg=k)
+
+
+def _popen(bundle, data, out, resume):
+    cmd = [sys.executable, "-m", "mobiletune.runtime", "train", str(bundle), "--data", str(data),
+           "--out", str(out), "--battery", "none", "--checkpoint-every", "1", "--steps", "24"]
+    return subprocess.Popen(cmd + (["--resume"] if resume else []), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def test_kill_nine_three_times_then_resume_equals_uninterrupted(setup, tmp_path):
+    root, _, _, bundle, data = setup
+    ref = tmp_path / "ref24"
+    device_train(bundle, [data], ref, steps=24, battery="none")
+    out = tmp_path / "killed"
+    rng = np.random.default_rng(7)
+    for i, at in enumerate(sorted(rng.choice(np.arange(3, 22), 3, replace=False))):
+        p = _popen(bundle, data, out, resume=i > 0)
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None:
+            m = out / "metrics.jsonl"
+            if m.exists() and len(losses(m)) >= at:
+                break
+            time.sleep(0.002)
+        assert p.poll() is None, "finished before the kill"
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    r = device_train(bundle, [data], out, steps=24, battery="none", resume=True)
+    assert r.finished
+    a = st.load(ref / "state.safetensors")
+    b = st.load(out / "state.safetensors")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert losses(ref / "metrics.jsonl") == losses(out / "metrics.jsonl")
+
+
+def test_truncated_latest_checkpoint_falls_back(setup, tmp_path, capsys):
+    root, _, _, bundle, data = setup
+    out = tmp_path / "trunc"
+    r = device_train(bundle, [data], out, steps=6, battery="none", checkpoint_every=2,
+                     stop_after=5)
+    assert not r.finished
+    ck = sorted((out / "checkpoints").glob("step-*"))
+    latest = ck[-1] / "state.safetensors"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    capsys.readouterr()
+    r = device_train(bundle, [data], out, steps=6, battery="none", resume=True)
+    said = capsys.readouterr().out
+    assert "is damaged" in said and f"resumed from step {int(ck[-2].name[5:])}" in said
+    assert r.finished
+    ref = tmp_path / "ref6"
+    device_train(bundle, [data], ref, steps=6, battery="none")
+    a, b = st.load(ref / "state.safetensors"), st.load(out / "state.safetensors")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_fresh_venv_with_only_the_runtime_extra(setup, tmp_path):
+    """pip install '.[runtime]' into a new venv (no JAX, no TF) and train there."""
+    root, _, _, bundle, data = setup
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    repo = Path(__file__).resolve().parent.parent
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the work tree
+    shutil.copytree(repo, src, ignore=shutil.ignore_patterns(".venv", ".git", "out", "*.egg-info",
+                                                             "__pycache__", "build"))
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{src}[runtime]"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "out"
+    r = subprocess.run([str(py), "-c",
+                        "import sys, runpy; sys.argv = ['x', 'train', sys.argv[1], '--data', "
+                        "sys.argv[2], '--out', sys.argv[3], '--battery', 'none', '--steps', '2']; "
+                        "import importlib.util as u; "
+                        "assert all(u.find_spec(m) is None for m in ('jax', 'tensorflow', 'torch')); "
+                        "runpy.run_module('mobiletune.runtime', run_name='__main__')",
+                        str(bundle), str(data), str(out)], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
