@@ -21,7 +21,7 @@ import numpy as np
 
 import mobiletune
 from export.tflite import ExportError, build_module, convert
-from mobiletune.loading import load_model
+from mobiletune.loading import load_model, peek_config
 from mobiletune.program import Program
 from mobiletune.recipe import Recipe
 from mobiletune.runtime import safetensors_io as st
@@ -36,7 +36,7 @@ from mobiletune.runtime.bundle import (
 from mobiletune.trainer import build_steps
 
 # The monolithic converter's memory grows with the traced program's size: a 29.5M-param
-# full fine-tune peaked at 8.6 GB here. Beyond these, use the sharded export (issue 6).
+# full fine-tune peaked at 8.6 GB here. Beyond these a sharded export is needed (issue 6).
 MAX_TRAINABLE_PARAMS = 20_000_000
 MAX_TOTAL_PARAMS = 60_000_000
 
@@ -52,6 +52,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _check_size(recipe: Recipe, n_all: int, n_tr: int | None) -> None:
+    if (n_tr or 0) > MAX_TRAINABLE_PARAMS or n_all > MAX_TOTAL_PARAMS:
+        raise ExportError(f"{recipe.model}: {n_all:,} params"
+                          + (f" ({n_tr:,} trainable)" if n_tr is not None else "")
+                          + f" is too large for a monolithic bundle on this machine (limits "
+                          f"{MAX_TOTAL_PARAMS:,} / {MAX_TRAINABLE_PARAMS:,} trainable): it needs the "
+                          f"sharded export (per-block signatures), which this version does not "
+                          f"have yet")
+
+
 def export_bundle(recipe: Recipe, out, variants=(1, 2, 4), verify: bool = True) -> dict:
     """Write the bundle; returns a report (bytes, needed bytes, seconds, peak memory)."""
     t0 = time.perf_counter()
@@ -64,16 +74,15 @@ def export_bundle(recipe: Recipe, out, variants=(1, 2, 4), verify: bool = True) 
         raise ExportError(f"--variants {bad}: each micro-batch size must divide the effective "
                           f"batch {recipe.batch_size} (micro_batch × accumulation), so any "
                           f"variant can make up a whole optimizer step")
+    cfg = peek_config(recipe.model)
+    if cfg is not None:  # refuse before loading weights where the config is at hand
+        _check_size(recipe, cfg.num_params, None if recipe.lora else cfg.num_params)
     m = load_model(recipe.model, seed=recipe.seed)
     tok = m.tokenizer
     steps, trainable, frozen = build_steps(recipe, m)
     n_tr = sum(int(np.prod(v.shape)) for v in trainable.values())
     n_all = n_tr + sum(int(np.prod(v.shape)) for v in frozen.values())
-    if n_tr > MAX_TRAINABLE_PARAMS or n_all > MAX_TOTAL_PARAMS:
-        raise ExportError(f"{recipe.model}: {n_all:,} params ({n_tr:,} trainable) is too large "
-                          f"for a monolithic bundle on this machine (limits {MAX_TOTAL_PARAMS:,} / "
-                          f"{MAX_TRAINABLE_PARAMS:,} trainable); use the sharded export "
-                          f"(--sharded) instead")
+    _check_size(recipe, n_all, n_tr)
     prog = Program(steps, trainable, frozen, recipe.seq_len)
     frozen_np = {f"frozen/{k}": np.asarray(v) for k, v in frozen.items()}
     module, sigs, sig_meta = build_module(prog, prog.frozen_specs(frozen), variants)

@@ -53,6 +53,17 @@ def preset_tokenizer(name: str):
     return Tokenizer.from_file(files["tokenizer.json"], files.get("tokenizer_config.json"))
 
 
+def peek_config(spec: str) -> ModelConfig | None:
+    """The model config without loading weights, where that is cheap (presets, HF dirs)."""
+    if spec.startswith("preset:"):
+        from mobiletune.models.config import preset
+        return preset(spec.split(":", 1)[1])
+    p = Path(spec).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        return ModelConfig.from_hf_config(p / "config.json")
+    return None
+
+
 def load_model(spec: str, seed: int = 0) -> LoadedModel:
     """``preset:<name>`` gives a randomly initialised model of a preset's real shape (seeded),
     with that family's real tokenizer — for full fine-tuning from scratch and smoke runs."""

@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
-# The main job, end to end on real small models and real text.
+# The main job, end to end on real small models and real text (see README).
 set -euo pipefail
 PY=${1:-.venv/bin/python}
 OUT=${2:-out/demo}
 mkdir -p "$OUT"
 mt() { echo "+ mobiletune $*" >&2; "$PY" -m mobiletune "$@"; }
 
-echo "== Perplexity on Botchan (4 windows of 512 tokens) =="
+echo "== 1. Perplexity on Botchan (4 windows of 512 tokens) =="
 mt ppl --model smollm2-135m --text botchan --seq-len 512 --max-windows 4
 mt ppl --model gemma3-270m --text botchan --seq-len 512 --max-windows 4
 
-echo "== Generation =="
+echo "== 2. Generation =="
 mt generate --model smollm2-135m --chat --prompt "Write one sentence about the sea." --max-new-tokens 40
 mt generate --model gemma3-270m --prompt "The old sailor looked at the sea and" --max-new-tokens 40
 
-echo "== GGUF -> Hugging Face directory =="
+echo "== 3. A short LoRA fine-tune: SmolLM2-135M on eight plays, Hamlet held out =="
+mt ppl --model smollm2-135m --text shakespeare:hamlet --seq-len 512 --max-windows 2 | tail -1 > "$OUT/ppl_before.txt"
+rm -rf "$OUT/smollm2-lora"
+mt train recipes/smollm2_shakespeare_lora.py --out "$OUT/smollm2-lora" \
+   --set steps=40 --set eval_every=20 --set eval_batches=4 --set checkpoint_every=20
+mt ppl --model smollm2-135m --adapter "$OUT/smollm2-lora/adapter" --text shakespeare:hamlet \
+   --seq-len 512 --max-windows 2 | tail -1 > "$OUT/ppl_after.txt"
+echo "Hamlet perplexity before: $(cat "$OUT/ppl_before.txt")   after 40 LoRA steps: $(cat "$OUT/ppl_after.txt")"
+mt generate --model smollm2-135m --adapter "$OUT/smollm2-lora/adapter" \
+   --prompt "HAMLET. To be, or not to be" --max-new-tokens 40
+echo "loss curve: $OUT/smollm2-lora/loss.png   metrics: $OUT/smollm2-lora/metrics.jsonl"
+
+echo "== 4. GGUF -> Hugging Face directory =="
 mt convert --gguf smollm2-135m --out "$OUT/smollm2-135m-hf"

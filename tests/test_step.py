@@ -99,3 +99,19 @@ def test_warmup_then_cosine():
     s = schedule(OptimConfig(lr=1.0, warmup_steps=10, total_steps=110, schedule="cosine"))
     assert float(s(0)) == 0.0 and abs(float(s(10)) - 1.0) < 1e-6
     assert abs(float(s(60)) - 0.5) < 1e-6 and float(s(110)) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["adafactor", "sgd", "adamw"])
+def test_every_optimizer_lowers_the_loss_on_a_fixed_batch(name):
+    cfg, params = tiny("gpt2")
+    lr = {"adafactor": 1e-2, "sgd": 0.5, "adamw": 3e-3}[name]
+    s = Steps(cfg, None, make_optimizer(OptimConfig(name=name, lr=lr, schedule="constant",
+                                                    momentum=0.9, weight_decay=0.01)))
+    f = s.jitted()
+    bt = batch(cfg, 4, 9, seed=5)
+    state = s.init(params)
+    first = None
+    for _ in range(8):
+        state, loss = f.train_step(state, {}, bt, jax.random.PRNGKey(0))
+        first = float(loss) if first is None else first
+    assert float(loss) < first - 0.05, (name, first, float(loss))

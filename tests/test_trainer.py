@@ -22,8 +22,7 @@ from mobiletune.lora import LoraConfig
 from mobiletune.optim import OptimConfig
 from mobiletune.recipe import Recipe, apply_overrides
 from mobiletune.runtime import safetensors_io as st
-from mobiletune.trainer import train
-from tests.tiny import torch_logits, tiny_gpt2_dir
+from tests.tiny import tiny_gpt2_dir, torch_logits
 
 RECIPE = """
 from mobiletune.recipe import Recipe
