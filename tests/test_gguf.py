@@ -11,7 +11,9 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from mobiletune.checkpoints.gguf import _expected_shapes, read_gguf
+import mobiletune.checkpoints.gguf as gguf_reader
+from mobiletune.checkpoints.gguf import _expected_shapes, parse_gguf, read_gguf
+from mobiletune.checkpoints.gguf_tokenizer import read_gguf_metadata
 from mobiletune.errors import CheckpointError
 from mobiletune.models.config import ModelConfig, preset
 
@@ -243,7 +245,79 @@ def test_metadata_plain_and_big_arrays_lazy(tmp_path):
     assert ck.metadata["tokenizer.chat_template"] == "{{ messages }}"
     assert "tokenizer.ggml.tokens" not in ck.metadata
     assert ck.read_array("tokenizer.ggml.tokens")[:2] == ["t0", "t1"]
+    assert ck.read_array("llama.block_count") == 2
+    with pytest.raises(CheckpointError, match="no metadata key 'tokenizer.ggml.scores'"):
+        ck.read_array("tokenizer.ggml.scores")
     assert ck.path == tmp_path / "m.gguf"
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 700, 5000])
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q5_0, Q.Q4_1])
+def test_dequantizing_a_few_rows_at_a_time_changes_nothing(tmp_path, monkeypatch, qtype, chunk_bytes):
+    """read_gguf hands gguf ``_CHUNK_BYTES`` worth of rows per call (here 1 to 18 rows, often
+    with a shorter last call): the values equal dequantizing the whole tensor at once."""
+    cfg = TINY_CFG["llama"].replace(tie_embeddings=False)
+    params = _random_params(cfg, seed=3)
+    path = _write(tmp_path / "m.gguf", cfg, params, qtype=qtype)
+    monkeypatch.setattr(gguf_reader, "_CHUNK_BYTES", chunk_bytes)
+    ck = read_gguf(path)
+    for k, v in params.items():
+        got = ck.params[k]
+        np.testing.assert_array_equal(got, _roundtrip_ref(v, qtype), err_msg=k)
+        assert got.flags.c_contiguous and got.flags.writeable, k  # a copy, not the read-only map
+
+
+# --- the header parser -----------------------------------------------------------------------
+def test_header_parser_reads_what_gguf_reader_reads(tmp_path):
+    """parse_gguf (shared by read_gguf and the tokenizer) against gguf.GGUFReader: every value
+    type, scalars and arrays, values and Python types alike; long arrays decoded on demand."""
+    V = gguf.GGUFValueType
+    scalars = {V.UINT8: 200, V.INT8: -5, V.UINT16: 60_000, V.INT16: -30_000, V.UINT32: 4_000_000_000,
+               V.INT32: -2_000_000_000, V.UINT64: 2**63 + 5, V.INT64: -(2**62), V.FLOAT32: 0.1,
+               V.FLOAT64: 0.1, V.BOOL: True, V.STRING: "héllo 🤗 \n"}
+    big_strings = ["", " ", "▁a", "<0x0A>", "中文", "😀" * 5] * 300
+    meta = {}
+    for t, v in scalars.items():
+        meta[f"s.{t.name}"] = lambda w, t=t, v=v: w.add_key_value(f"x.{t.name}", v, t)
+        meta[f"a.{t.name}"] = lambda w, t=t, v=v: w.add_key_value(f"x.a_{t.name}", [v, v], V.ARRAY, t)
+    meta["big_f32"] = lambda w: w.add_key_value("x.big_f32", [i / 7 for i in range(3000)], V.ARRAY, V.FLOAT32)
+    meta["big_str"] = lambda w: w.add_array("x.big_str", big_strings)
+    meta["nested"] = lambda w: w.add_array("x.nested", [[1, 2], [3]])
+    cfg = TINY_CFG["gemma3"]
+    path = _write(tmp_path / "m.gguf", cfg, _random_params(cfg), meta=meta)
+
+    ours, theirs = parse_gguf(path), gguf.GGUFReader(path)
+    assert set(ours.arrays) == {"x.big_f32", "x.big_str"}
+    assert ours.read_array("x.big_str") == big_strings
+    for key, f in theirs.fields.items():
+        got = ours.read_array(key) if key in ours.arrays else ours.metadata[key]
+        if key == "x.nested":  # GGUFReader flattens nested arrays; we keep them nested
+            assert got == [[1, 2], [3]] and f.contents() == [1, 2, 3]
+            continue
+        assert repr(got) == repr(f.contents()), key  # same values and types (1 vs 1.0 vs True)
+    assert list(ours.metadata) == [k for k in theirs.fields if k not in ours.arrays]
+    assert [t.name for t in theirs.tensors] == list(ours.tensors)
+    for t in theirs.tensors:
+        info = ours.tensors[t.name]
+        assert (info.ne, info.ggml_type, info.offset) == \
+            (tuple(t.shape.tolist()), t.tensor_type, t.data_offset)
+    # the tokenizer's view: everything inline, only the requested prefixes
+    md = read_gguf_metadata(path, prefixes=("x.", "general."))
+    assert md["x.big_str"] == big_strings and md["x.UINT64"] == 2**63 + 5
+    assert md["general.architecture"] == "gemma3" and not any(k.startswith("gemma3.") for k in md)
+
+
+def test_every_truncated_file_is_a_checkpoint_error(tmp_path):
+    """A file cut anywhere in its header, or in its data, names the file; never an IndexError,
+    struct.error or a silently short string."""
+    cfg = TINY_CFG["gemma3"].replace(vocab_size=1100)  # a lazily read token array, too
+    good = _write(tmp_path / "m.gguf", cfg, _random_params(cfg))
+    data, data_start = good.read_bytes(), min(t.offset for t in parse_gguf(good).tensors.values())
+    bad = tmp_path / "cut.gguf"
+    for n in [*range(64), *range(64, data_start + 64, 97), len(data) - 1]:
+        bad.write_bytes(data[:n])
+        with pytest.raises(CheckpointError, match="cut.gguf"):
+            read_gguf(bad)
 
 
 # --- errors ----------------------------------------------------------------------------------

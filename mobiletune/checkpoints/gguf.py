@@ -12,28 +12,39 @@ Face state-dict name and undoes what llama.cpp's ``convert_hf_to_gguf.py`` chang
   transpose them back to transformers' (in, out). llama.cpp also writes ``output.weight``
   as a copy of ``token_embd``; a byte-identical copy is treated as a tied head.
 
-GGUF shapes are ggml ``ne`` order (fastest dimension first); ``GGUFReader`` already hands
-out numpy-order data, so a (out, in) torch Linear weight comes back as (out, in).
+GGUF shapes are ggml ``ne`` order (fastest dimension first); numpy order is the reverse, so
+a (out, in) torch Linear weight is stored with ``ne = (in, out)`` and comes back as (out, in).
 
-Metadata: ``GGUFCheckpoint.metadata`` holds every key/value as plain Python values except
-arrays longer than ``_MAX_INLINE_ARRAY`` entries (the tokenizer's tokens, scores,
-token_type and merges), which are decoded on demand by ``GGUFCheckpoint.read_array(key)``
-(the checkpoint keeps the file memory-mapped for that). ``config.vocab_size`` is the
-embedding's row count.
+The file is parsed by ``parse_gguf`` below (also used by ``gguf_tokenizer``), not by
+``gguf.GGUFReader``, which decodes every element of every metadata array into its own numpy
+view (11-15 s for Gemma 3's 262,144-piece vocabulary on the 2-core dev box). From the
+``gguf`` package we use only ``gguf.quants.dequantize`` and the type tables.
+
+Metadata: ``GGUFCheckpoint.metadata`` holds every key/value as plain Python values (plus
+GGUFReader's ``GGUF.version``/``GGUF.tensor_count``/``GGUF.kv_count``) except arrays longer
+than ``_MAX_INLINE_ARRAY`` entries (the tokenizer's tokens, scores, token_type and merges),
+which are decoded on demand by ``GGUFCheckpoint.read_array(key)`` (the checkpoint keeps the
+file memory-mapped for that). ``config.vocab_size`` is the embedding's row count.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mobiletune.errors import CheckpointError
-from mobiletune.models.config import ConfigError, ModelConfig
+
+if TYPE_CHECKING:  # imported where used: mobiletune.models pulls in jax, gguf_tokenizer need not
+    from mobiletune.models.config import ModelConfig
 
 _MAX_INLINE_ARRAY = 1024
+_CHUNK_BYTES = 1 << 18  # quantized bytes handed to gguf's dequantize per call
 ARCHITECTURES = ("llama", "qwen2", "gemma3", "gpt2")
 
 # GGUF name -> HF name. Block tensors use "{i}"; the suffix (.weight/.bias) is kept.
@@ -71,15 +82,15 @@ class GGUFCheckpoint:
     metadata: dict[str, Any]
     path: Path
     quant_types: dict[str, str] = field(default_factory=dict)  # HF name -> GGML type name
-    _arrays: dict = field(default_factory=dict, repr=False)     # big arrays, decoded lazily
+    _file: GGUFFile | None = field(default=None, repr=False, compare=False)  # big arrays
 
     def read_array(self, key: str) -> list:
         """A metadata array left out of ``metadata`` for its size (e.g. tokenizer.ggml.tokens)."""
         if key in self.metadata:
             return self.metadata[key]
-        if key not in self._arrays:
+        if self._file is None or key not in self._file.arrays:
             raise CheckpointError(f"{self.path}: no metadata key {key!r}")
-        return self._arrays[key].contents()
+        return self._file.read_array(key)
 
 
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
@@ -93,33 +104,28 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
-    reader = _open(path)
-    metadata, arrays = {}, {}
-    for key, f in reader.fields.items():
-        if f.types and f.types[0].name == "ARRAY" and len(f.data) > _MAX_INLINE_ARRAY:
-            arrays[key] = f
-        else:
-            metadata[key] = f.contents()
+    file = parse_gguf(path)
+    data = _tensor_data(file)
+    metadata = file.metadata
     arch = metadata.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"{path}: unsupported architecture {arch!r} (key "
                               f"general.architecture); supported: {list(ARCHITECTURES)}")
-    tensors = {t.name: t for t in reader.tensors}
-    tied_copy = (arch == "gpt2" and "output.weight" in tensors and "token_embd.weight" in tensors
-                 and _same_bytes(tensors["output.weight"], tensors["token_embd.weight"]))
+    tensors = {name: t.ne for name, t in file.tensors.items()}
+    tied_copy = (arch == "gpt2" and "output.weight" in data and "token_embd.weight" in data
+                 and _same_bytes(data["output.weight"], data["token_embd.weight"]))
     if tied_copy:
         del tensors["output.weight"]
     config = _config(path, arch, metadata, tensors)
 
     expected = _expected_shapes(config)
     names = {}
-    for name, t in tensors.items():
+    for name, ne in tensors.items():
         hf = _hf_name(arch, name)
         if hf is None or hf not in expected:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} for a {arch} model "
                                   f"(maps to {hf or 'no Hugging Face name'})")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        shape = shape[::-1] if hf.endswith(_CONV1D) else shape
+        shape = ne if hf.endswith(_CONV1D) else ne[::-1]  # numpy order, Conv1D transposed
         if shape != expected[hf]:
             raise CheckpointError(f"{path}: tensor {name!r} ({hf}) has shape {shape} but the "
                                   f"config implies {expected[hf]}")
@@ -133,42 +139,260 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
 
     params, qtypes = {}, {}
     for hf, name in names.items():
-        params[hf] = _convert(path, config, hf, tensors[name], expected[hf])
-        qtypes[hf] = tensors[name].tensor_type.name
-    return GGUFCheckpoint(config, params, metadata, path, qtypes, arrays)
+        qtype, raw = data[name]
+        params[hf] = _convert(path, config, hf, name, qtype, raw, expected[hf])
+        qtypes[hf] = qtype.name
+    return GGUFCheckpoint(config, params, metadata, path, qtypes, file)
 
 
-# --- file access ---------------------------------------------------------------------------
-def _open(path: Path):
-    from gguf import GGUFReader
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+# --- the GGUF container (shared with gguf_tokenizer) -------------------------------------------
+# Little-endian v2/v3: "GGUF", version u32, tensor count u64, key/value count u64; the key/value
+# pairs (key string, value type u32, value); per tensor: name string, n_dims u32, ne u64[n_dims],
+# GGML type u32, data offset u64; padding to general.alignment (32); the tensor data. A string is
+# a u64 byte count and UTF-8 bytes; an array is item type u32, count u64 and the items.
+STRING, ARRAY = 8, 9
+_SCALARS = {t: struct.Struct("<" + c) for t, c in {
+    0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+    12: "d"}.items()}  # GGUF value type -> its little-endian struct (also a numpy dtype code)
+_U32, _U64 = _SCALARS[4], _SCALARS[10]
 
-    class _Reader(GGUFReader):
-        def _build_tensors(self, start_offs, fields):  # name the tensor a truncation cuts
-            for f in fields:
-                _, name, _, dims, dtype, offset = f.parts
-                block, size = GGML_QUANT_SIZES[GGMLQuantizationType(int(dtype[0]))]
-                end = start_offs + int(offset[0]) + int(np.prod(dims)) * size // block
-                if end > len(self.data):
-                    raise CheckpointError(
-                        f"{path}: truncated GGUF file: tensor {bytes(name).decode()!r} needs "
-                        f"bytes up to {end}, the file has {len(self.data)}")
-            super()._build_tensors(start_offs, fields)
 
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    ne: tuple[int, ...]  # ggml order: ne[0] is the row length
+    ggml_type: int       # a gguf.GGMLQuantizationType value
+    offset: int          # of its data in the file
+
+
+@dataclass(frozen=True)
+class _Array:
+    """A metadata array not decoded yet: where its items start."""
+    item_type: int
+    count: int
+    offset: int
+
+
+@dataclass
+class GGUFFile:
+    """A parsed GGUF header: ``metadata`` in file order (plain Python values; arrays longer
+    than the parser's ``lazy_above`` are in ``arrays`` instead, see ``read_array``), and the
+    tensors' layout. The file stays memory-mapped for the arrays and the tensor data."""
+    path: Path
+    metadata: dict[str, Any]
+    arrays: dict[str, _Array]
+    tensors: dict[str, TensorInfo]
+    buffer: mmap.mmap = field(repr=False)
+
+    def read_array(self, key: str) -> list:
+        """Decode the array ``arrays[key]`` (strings as UTF-8, numbers as Python numbers)."""
+        a = self.arrays[key]
+        return _Cursor(self.buffer, a.offset).array(a.item_type, a.count)
+
+    def bytes_at(self, offset: int, n_bytes: int) -> np.ndarray:
+        """A read-only uint8 view of the file."""
+        return np.frombuffer(self.buffer, np.uint8, n_bytes, offset)
+
+
+def parse_gguf(path: str | Path, lazy_above: int | None = _MAX_INLINE_ARRAY,
+               tensors: bool = True) -> GGUFFile:
+    """Parse the header of the GGUF file ``path``: the key/value metadata (arrays of more than
+    ``lazy_above`` items are only located, for ``GGUFFile.read_array``) and, with ``tensors``,
+    the tensor table. Raises CheckpointError naming the file if it is not a readable GGUF."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CheckpointError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        return _Reader(path, "r")
+        return _parse(path, buffer, lazy_above, tensors)
     except CheckpointError:
         raise
-    except Exception as e:  # the reader raises ValueError/IndexError/KeyError on bad bytes
+    except (struct.error, ValueError, KeyError, IndexError, OverflowError) as e:
         raise CheckpointError(f"{path}: not a readable GGUF file (truncated or corrupt "
                               f"header): {type(e).__name__}: {e}") from None
 
 
-def _same_bytes(a, b) -> bool:
-    return a.tensor_type == b.tensor_type and a.n_bytes == b.n_bytes and np.array_equal(
-        a.data.reshape(-1).view(np.uint8), b.data.reshape(-1).view(np.uint8))
+def _parse(path: Path, buffer: mmap.mmap, lazy_above: int | None, with_tensors: bool) -> GGUFFile:
+    cur = _Cursor(buffer, 4)
+    version = cur.scalar(4)
+    if version & 0xFFFF == 0:
+        raise CheckpointError(f"{path}: big-endian GGUF files are not supported")
+    if version not in (2, 3):
+        raise CheckpointError(f"{path}: GGUF version {version} is not supported (need 2 or 3)")
+    n_tensors, n_kv = cur.scalar(10), cur.scalar(10)
+    metadata: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": n_tensors,
+                                "GGUF.kv_count": n_kv}
+    arrays: dict[str, _Array] = {}
+    alignment = 32
+    for _ in range(n_kv):
+        key, vtype = cur.string(), cur.scalar(4)
+        if key in metadata or key in arrays:
+            raise ValueError(f"duplicate key {key!r}")
+        value = cur.value(vtype, lazy_above)
+        (arrays if isinstance(value, _Array) else metadata)[key] = value
+        if key == "general.alignment":
+            if vtype != 4 or value == 0 or value & (value - 1):
+                raise ValueError(f"general.alignment must be a power of two (uint32): {value!r}")
+            alignment = value
+    tensors: dict[str, TensorInfo] = {}
+    if with_tensors:
+        infos = []
+        for _ in range(n_tensors):
+            name, n_dims = cur.string(), cur.scalar(4)
+            ne = struct.unpack_from(f"<{n_dims}Q", buffer, cur.pos)
+            cur.pos += 8 * n_dims
+            infos.append((name, ne, cur.scalar(4), cur.scalar(10)))
+        data_start = -cur.pos % alignment + cur.pos
+        for name, ne, ggml_type, offset in infos:
+            if name in tensors:
+                raise ValueError(f"duplicate tensor {name!r}")
+            tensors[name] = TensorInfo(name, ne, ggml_type, data_start + offset)
+    return GGUFFile(path, metadata, arrays, tensors, buffer)
 
 
+class _Cursor:
+    """Reads GGUF values from ``buf`` at ``pos``, advancing it."""
+
+    def __init__(self, buf, pos: int):
+        self.buf, self.pos = buf, pos
+
+    def scalar(self, vtype: int) -> Any:
+        s = _SCALARS[vtype]
+        (value,) = s.unpack_from(self.buf, self.pos)
+        self.pos += s.size
+        return value
+
+    def string(self) -> str:
+        (n,) = _U64.unpack_from(self.buf, self.pos)
+        start, self.pos = self.pos + 8, self.pos + 8 + n
+        if self.pos > len(self.buf):
+            raise ValueError("a string runs past the end of the file")
+        return self.buf[start:self.pos].decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, lazy_above: int | None = None) -> Any:
+        """One value; an array of more than ``lazy_above`` items is skipped, giving an _Array."""
+        if vtype == STRING:
+            return self.string()
+        if vtype != ARRAY:
+            return self.scalar(vtype)
+        item_type, count = self.scalar(4), self.scalar(10)
+        if lazy_above is None or count <= lazy_above:
+            return self.array(item_type, count)
+        lazy = _Array(item_type, count, self.pos)
+        self.skip(item_type, count)
+        return lazy
+
+    def array(self, item_type: int, count: int) -> list:
+        buf, pos = self.buf, self.pos
+        if item_type == STRING:  # the hot loop: 262,144 strings for Gemma's vocabulary
+            unpack, items = _U64.unpack_from, []
+            for _ in range(count):
+                (n,) = unpack(buf, pos)
+                items.append(buf[pos + 8:pos + 8 + n].decode("utf-8", errors="replace"))
+                pos += 8 + n
+            if pos > len(buf):
+                raise ValueError("a string runs past the end of the file")
+            self.pos = pos
+            return items
+        if item_type == ARRAY:
+            return [self.array(self.scalar(4), self.scalar(10)) for _ in range(count)]
+        s = _SCALARS[item_type]
+        self.pos += count * s.size
+        return np.frombuffer(buf, s.format, count, pos).tolist()
+
+    def skip(self, item_type: int, count: int) -> None:
+        if item_type == STRING:
+            buf, pos, unpack = self.buf, self.pos, _U64.unpack_from
+            for _ in range(count):
+                pos += 8 + unpack(buf, pos)[0]
+            self.pos = pos
+        elif item_type == ARRAY:
+            for _ in range(count):
+                self.skip(self.scalar(4), self.scalar(10))
+        else:
+            self.pos += count * _SCALARS[item_type].size
+        if self.pos > len(self.buf):
+            raise ValueError("an array runs past the end of the file")
+
+
+# --- tensor data -----------------------------------------------------------------------------
+def _tensor_data(file: GGUFFile) -> dict[str, tuple[Any, np.ndarray]]:
+    """name -> (GGMLQuantizationType, its bytes as a uint8 (rows, row bytes) view of the file),
+    checking every tensor's type, row length and extent, in file order."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    out, size = {}, len(file.buffer)
+    for t in file.tensors.values():
+        try:
+            qtype = GGMLQuantizationType(t.ggml_type)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise CheckpointError(f"{file.path}: tensor {t.name!r} has unknown GGML type "
+                                  f"{t.ggml_type}") from None
+        ne = t.ne or (1,)
+        if ne[0] % block:
+            raise CheckpointError(f"{file.path}: tensor {t.name!r} has rows of {ne[0]} values, "
+                                  f"not a multiple of the {qtype.name} block size {block}")
+        rows, row_bytes = math.prod(ne[1:]), ne[0] // block * type_size
+        end = t.offset + rows * row_bytes
+        if end > size:
+            raise CheckpointError(f"{file.path}: truncated GGUF file: tensor {t.name!r} needs "
+                                  f"bytes up to {end}, the file has {size}")
+        out[t.name] = qtype, file.bytes_at(t.offset, rows * row_bytes).reshape(rows, row_bytes)
+    return out
+
+
+def _same_bytes(a: tuple[Any, np.ndarray], b: tuple[Any, np.ndarray]) -> bool:
+    return a[0] == b[0] and np.array_equal(a[1], b[1])
+
+
+def _dequantize(path: Path, name: str, qtype, raw: np.ndarray) -> np.ndarray:
+    """A new float32 (rows, row length) array from ``raw``, a uint8 (rows, row bytes) view of
+    the file. gguf's dequantize works 16 rows per step; giving it ~256 KiB at a time as one
+    row is 1.5-2x faster (the quant blocks are independent, so the values are the same) and
+    writes straight into the result, without a second full-size copy."""
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    rows, row_bytes = raw.shape
+    out = np.empty((rows, row_bytes // type_size * block), np.float32)
+    step = max(1, _CHUNK_BYTES // max(row_bytes, 1))
+    try:
+        for i in range(0, rows, step):
+            out[i:i + step] = dequantize(raw[i:i + step].reshape(1, -1), qtype).reshape(
+                -1, out.shape[1])
+    except NotImplementedError:
+        raise CheckpointError(f"{path}: tensor {name!r} has GGML type {qtype.name}, which "
+                              f"gguf cannot dequantize") from None
+    return out
+
+
+def _convert(path: Path, cfg: ModelConfig, hf: str, name: str, qtype, raw: np.ndarray,
+             shape: tuple) -> np.ndarray:
+    """Dequantize one tensor to float32 in HF layout."""
+    w = _dequantize(path, name, qtype, raw)
+    if hf.endswith(_CONV1D):
+        w = np.ascontiguousarray(w.T)
+    w = w.reshape(shape)
+    if cfg.family == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias",
+                                              "k_proj.weight", "k_proj.bias")):
+        w = _unpermute(w, cfg.num_heads if ".q_proj." in hf else cfg.num_kv_heads)
+    if cfg.family == "gemma3" and hf.endswith("norm.weight"):
+        w -= 1.0
+    return w
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of convert_hf_to_gguf's ``LlamaModel.permute``: per head, llama.cpp stored the
+    rows as interleaved (x0, x_half, x1, x_half+1, ...) pairs; restore HF's halves layout."""
+    rest = w.shape[1:]
+    return np.ascontiguousarray(
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape))
+
+
+# --- names -----------------------------------------------------------------------------------
 def _hf_name(arch: str, name: str) -> str | None:
     stem, dot, suffix = name.rpartition(".")
     if not dot or suffix not in ("weight", "bias"):
@@ -192,41 +416,16 @@ def _gguf_name(arch: str, hf: str) -> str:
     return next(f"blk.{i}.{g}.{suffix}" for g, h in _BLOCK[arch].items() if h == rest)
 
 
-def _convert(path: Path, cfg: ModelConfig, hf: str, t, shape: tuple) -> np.ndarray:
-    """Dequantize one tensor to float32 in HF layout."""
-    from gguf.quants import dequantize
-    try:
-        w = dequantize(t.data, t.tensor_type)
-    except NotImplementedError:
-        raise CheckpointError(f"{path}: tensor {t.name!r} has GGML type "
-                              f"{t.tensor_type.name}, which gguf cannot dequantize") from None
-    w = np.array(w, dtype=np.float32)  # a copy: never a view into the memory-mapped file
-    if hf.endswith(_CONV1D):
-        w = np.ascontiguousarray(w.T)
-    w = w.reshape(shape)
-    if cfg.family == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias",
-                                              "k_proj.weight", "k_proj.bias")):
-        w = _unpermute(w, cfg.num_heads if ".q_proj." in hf else cfg.num_kv_heads)
-    if cfg.family == "gemma3" and hf.endswith("norm.weight"):
-        w -= 1.0
-    return w
-
-
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of convert_hf_to_gguf's ``LlamaModel.permute``: per head, llama.cpp stored the
-    rows as interleaved (x0, x_half, x1, x_half+1, ...) pairs; restore HF's halves layout."""
-    rest = w.shape[1:]
-    return np.ascontiguousarray(
-        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape))
-
-
 # --- config ----------------------------------------------------------------------------------
 def _f32(x) -> float:
     """GGUF stores floats as float32: 1e-5 reads back as 9.9999997e-06. Undo that."""
     return float(str(np.float32(x)))
 
 
-def _config(path: Path, arch: str, md: dict, tensors: dict) -> ModelConfig:
+def _config(path: Path, arch: str, md: dict, tensors: dict[str, tuple[int, ...]]) -> ModelConfig:
+    """The config the metadata describes; ``tensors`` maps names to ggml shapes (``ne``)."""
+    from mobiletune.models.config import ConfigError, ModelConfig
+
     def get(key, default: Any = KeyError):
         v = md.get(f"{arch}.{key}", default)
         if v is KeyError:
@@ -248,7 +447,7 @@ def _config(path: Path, arch: str, md: dict, tensors: dict) -> ModelConfig:
     eps = get("attention.layer_norm_epsilon" if arch == "gpt2"
               else "attention.layer_norm_rms_epsilon")
     kw: dict[str, Any] = dict(
-        family=arch, vocab_size=int(tensors["token_embd.weight"].shape[1]),
+        family=arch, vocab_size=tensors["token_embd.weight"][-1],
         hidden_size=hidden, num_layers=n_layers, num_heads=heads,
         num_kv_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
         intermediate_size=int(get("feed_forward_length", 4 * hidden)),
