@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>")
+
+
 def _load(args):
     """(model with jnp params, LoRA context or None)."""
     import jax.numpy as jnp
@@ -127,7 +130,10 @@ def cmd_generate(args) -> int:
         ids = tok.encode(text, add_special_tokens=False)
     else:
         ids = tok.encode(args.prompt, add_special_tokens=tok.adds_bos)
-    stops = {i for i in (tok.eos_id, *getattr(tok, "stop_ids", ())) if i is not None}
+    stops = {tok.eos_id}
+    if args.chat:  # a chat turn ends with the template's end-of-turn marker
+        stops |= {tok.token_to_id(t) for t in END_OF_TURN}
+    stops.discard(None)
     try:
         out = generate(m.params, m.cfg, ids, args.max_new_tokens, args.temperature, args.seed,
                        stop_ids=stops, lora=lctx)
@@ -186,15 +192,8 @@ def cmd_assets(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except MobiletuneError as e:
-        print(f"mobiletune: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mobiletune: interrupted", file=sys.stderr)
-        return 130
+    from mobiletune.runtime.cli import run
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

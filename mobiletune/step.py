@@ -55,10 +55,14 @@ class Steps:
     def loss_and_grads(self, trainable, frozen, batch, key):
         def f(tr):
             nll, count = batch_nll({**frozen, **tr}, self.cfg, batch, self._lora(key, True),
-                                   self.loss_chunk)
+                                   self.loss_chunk, head_trainable=self._head_trainable(tr))
             return nll, count
         (nll, count), grads = jax.value_and_grad(f, has_aux=True)(trainable)
         return nll, count, grads
+
+    def _head_trainable(self, trainable) -> bool:
+        return any(k in trainable for k in ("lm_head.weight", "model.embed_tokens.weight",
+                                            "transformer.wte.weight"))
 
     def init(self, trainable) -> TrainState:
         return TrainState(trainable, self.optimizer.init(trainable), jnp.zeros((), jnp.int32))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from mobiletune.models import layers as L
 from mobiletune.models.config import ModelConfig
+from mobiletune.models.llama import decoder_param_shapes, layer_prefix, output_weight  # noqa: F401
 
 
 def layer_shapes(cfg: ModelConfig) -> dict[str, tuple]:
@@ -35,17 +36,7 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple]:
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    s = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
-         "model.norm.weight": (cfg.hidden_size,)}
-    for i in range(cfg.num_layers):
-        s.update({f"model.layers.{i}.{k}": v for k, v in layer_shapes(cfg).items()})
-    if not cfg.tie_embeddings:
-        s["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
-    return s
-
-
-def layer_prefix(i: int) -> str:
-    return f"model.layers.{i}."
+    return decoder_param_shapes(cfg, layer_shapes(cfg))
 
 
 def embed(params, cfg: ModelConfig, tokens, positions):
@@ -86,10 +77,6 @@ def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None, lora=Non
 
 def final_norm(params, cfg: ModelConfig, h):
     return L.rms_norm(h, params["model.norm.weight"], cfg.norm_eps, plus_one=True)
-
-
-def output_weight(params, cfg: ModelConfig):
-    return params["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
 
 
 def init_layer(cfg: ModelConfig, name: str, shape, key, std: float = 0.02):

@@ -33,14 +33,20 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     return s
 
 
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+def decoder_param_shapes(cfg: ModelConfig, layer: dict[str, tuple]) -> dict[str, tuple]:
+    """The ``model.embed_tokens / model.layers.N.* / model.norm / lm_head`` layout that
+    Llama, Qwen2 and Gemma 3 share, given one layer's shapes."""
     s = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
          "model.norm.weight": (cfg.hidden_size,)}
     for i in range(cfg.num_layers):
-        s.update({f"model.layers.{i}.{k}": v for k, v in layer_shapes(cfg).items()})
+        s.update({f"{layer_prefix(i)}{k}": v for k, v in layer.items()})
     if not cfg.tie_embeddings:
         s["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
     return s
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    return decoder_param_shapes(cfg, layer_shapes(cfg))
 
 
 def layer_prefix(i: int) -> str:

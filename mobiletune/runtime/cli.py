@@ -57,12 +57,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def main(argv=None, prog: str = "python -m mobiletune.runtime") -> int:
-    args = build_parser(prog).parse_args(argv)
+def run(args) -> int:
+    """Call ``args.func``; a user mistake prints one line and exits 2, no traceback."""
     try:
         return args.func(args)
     except MobiletuneError as e:
         print(f"mobiletune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("mobiletune: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv=None, prog: str = "python -m mobiletune.runtime") -> int:
+    return run(build_parser(prog).parse_args(argv))
