@@ -10,7 +10,9 @@ from mobiletune.errors import MobiletuneError
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="mobiletune export", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="mobiletune export",
+                                 description="Trace a recipe into a LiteRT training bundle "
+                                             "(builtin ops only), verified in a fresh process.")
     ap.add_argument("recipe", help="recipe file")
     ap.add_argument("--out", required=True, help="bundle directory to write")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

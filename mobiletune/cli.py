@@ -19,7 +19,10 @@ def _add_model(p, adapter=True):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mobiletune", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="mobiletune",
+        description="Fine-tune LLMs on the desktop (JAX), export LiteRT training bundles, "
+                    "and train them on a phone.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("ppl", help="perplexity of a model on a text",
@@ -171,6 +174,9 @@ def cmd_device(args) -> int:
     return device_main(args.rest, prog="mobiletune device")
 
 
+PASS_THROUGH = {"export": cmd_export, "device": cmd_device}  # they parse their own options
+
+
 def cmd_convert(args) -> int:
     from mobiletune.checkpoints.hf import save_hf_dir
     from mobiletune.loading import load_model
@@ -193,6 +199,10 @@ def cmd_assets(args) -> int:
 
 def main(argv=None) -> int:
     from mobiletune.runtime.cli import run
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASS_THROUGH:
+        args = argparse.Namespace(rest=argv[1:], func=PASS_THROUGH[argv[0]])
+        return run(args)
     return run(build_parser().parse_args(argv))
 
 
