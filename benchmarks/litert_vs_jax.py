@@ -28,7 +28,7 @@ from mobiletune.recipe import Recipe
 from mobiletune.lora import LoraConfig
 from mobiletune.optim import OptimConfig
 recipe = Recipe(name="bench", model={model!r}, data=("x",), seq_len={t}, micro_batch={b},
-                lora={lora}, optim=OptimConfig(lr=1e-4))
+                lora={lora}, optim=OptimConfig(lr=1e-4), loss_chunk={chunk})
 """
 
 CHILD = r"""
@@ -94,6 +94,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workloads", default="lora,full")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--loss-chunk", type=int, default=64, help="positions per loss chunk")
     ap.add_argument("--out", help="also write the results as JSON here")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -105,7 +106,8 @@ def main():
             spec = WORKLOADS[w]
             rp = Path(tmp) / f"{w}.py"
             lora = "LoraConfig(r=8, alpha=16, target_modules=('c_attn', 'c_fc'))" if spec["lora"] else "None"
-            rp.write_text(RECIPE.format(model=str(model), t=spec["t"], b=spec["b"], lora=lora))
+            rp.write_text(RECIPE.format(model=str(model), t=spec["t"], b=spec["b"], lora=lora,
+                                      chunk=args.loss_chunk))
             bundle = Path(tmp) / f"{w}-bundle"
             res = {"export": child("export", rp, bundle, 0)}
             res["jax"] = child("jax", rp, bundle, args.steps)
