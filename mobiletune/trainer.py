@@ -33,6 +33,7 @@ from mobiletune.loading import LoadedModel, load_model
 from mobiletune.optim import make_optimizer, schedule
 from mobiletune.recipe import Recipe
 from mobiletune.runtime import data as D
+from mobiletune.runtime.metrics import MetricsLog
 from mobiletune.runtime.progress import Progress
 from mobiletune.runtime.safetensors_io import write_text_atomic
 from mobiletune.step import Steps, step_key
@@ -209,29 +210,3 @@ def finish(run: Run, state, log: "MetricsLog", seconds: float) -> dict:
                "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-class MetricsLog:
-    """Append-only JSON lines; on resume, rows after the restored step are dropped (they
-    belong to steps that will be re-taken)."""
-
-    def __init__(self, path: Path, upto: int):
-        self.path = path
-        rows = [x for x in self.rows() if x["step"] <= upto] if upto else []
-        write_text_atomic(path, "".join(json.dumps(x) + "\n" for x in rows))
-
-    def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:  # a line cut by a kill
-                break
-        return out
-
-    def write(self, row: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()

@@ -30,6 +30,7 @@ from mobiletune.runtime import scheduler as S
 from mobiletune.runtime.bundle import sha256_file
 from mobiletune.runtime.checkpoints import Checkpoints
 from mobiletune.runtime.litert import BundleRunner
+from mobiletune.runtime.metrics import MetricsLog
 from mobiletune.runtime.progress import Progress
 from mobiletune.runtime.tokenizer import Tokenizer
 
@@ -116,7 +117,7 @@ def device_train(bundle, data_paths, out, steps: int | None = None, battery: str
             return S.Reading(time=clock.now())
     print(f"battery: {described}")
     th = thresholds or S.Thresholds.from_dict(m.extra.get("thresholds", {}))
-    log = _Metrics(out / "metrics.jsonl", upto=start)
+    log = MetricsLog(out / "metrics.jsonl", upto=start)
     meter = B.EnergyMeter()
 
     def checkpoint(step):
@@ -202,25 +203,6 @@ def write_outputs(runner: BundleRunner, out: Path) -> None:
         st.save(out / "model" / "model.safetensors", trainable, meta={"format": "pt"})
         st.write_text_atomic(out / "model" / "config.json",
                              json.dumps(m.extra["hf_config"], indent=2) + "\n")
-
-
-class _Metrics:
-    def __init__(self, path: Path, upto: int):
-        self.path = path
-        rows = []
-        if upto and path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    break
-                if r.get("step", 0) <= upto and not (r.get("event") and r["step"] >= upto):
-                    rows.append(line + "\n")
-        st.write_text_atomic(path, "".join(rows))
-
-    def write(self, row: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
 
 
 def device_generate(bundle, prompt: str, state_dir=None, max_new_tokens: int = 32,
