@@ -119,9 +119,8 @@ def evaluate(run: Run, fns, trainable) -> float | None:
     return nll / max(count, 1.0)
 
 
-def train(recipe: Recipe, out_dir, resume: bool = False, stop_after: int | None = None) -> dict:
-    """Run (or resume) a recipe; returns a summary. ``stop_after`` ends the process's work
-    after that many steps without finishing the run (tests use it to simulate a kill)."""
+def train(recipe: Recipe, out_dir, resume: bool = False) -> dict:
+    """Run (or resume) a recipe; returns a summary."""
     from mobiletune import checkpointing as ckpt
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,8 +152,6 @@ def train(recipe: Recipe, out_dir, resume: bool = False, stop_after: int | None 
     t_run = time.perf_counter()
     with Progress(total=r.steps - start, unit="step", desc="train") as bar:
         for step in range(start, r.steps):
-            if stop_after is not None and step - start >= stop_after:
-                break
             t0 = time.perf_counter()
             acc, tokens = run.steps.zero_accum(state.trainable), 0.0
             for micro in range(r.accumulation):
@@ -181,8 +178,6 @@ def train(recipe: Recipe, out_dir, resume: bool = False, stop_after: int | None 
             if done % r.checkpoint_every == 0 or done == r.steps:
                 manager.save(done, state, it.state(), r.fingerprint())
     manager.close()
-    if int(state.step) < r.steps:
-        return {"step": int(state.step), "finished": False}
     return finish(run, state, log, time.perf_counter() - t_run)
 
 
