@@ -1,5 +1,6 @@
-"""``python -m export RECIPE.py --out BUNDLE [--set key=value ...] [--variants 1,2,4]``
-(also ``mobiletune export``): trace a recipe into a LiteRT training bundle."""
+"""``python -m export RECIPE.py --out BUNDLE [--set key=value ...] [--variants 1,2,4]
+[--sharded [--store-dtype float16]]`` (also ``mobiletune export``): trace a recipe into a
+LiteRT training bundle."""
 
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=None,
                     help="micro-batch sizes to export, comma-separated (default: every divisor "
                          "of the effective batch up to micro_batch)")
+    ap.add_argument("--sharded", action="store_true",
+                    help="per-block signatures with the weights streamed from a store on disk "
+                         "(any model size; the phone's memory is about one layer's weights "
+                         "plus activations); default: one monolithic program (<= 150M params)")
+    ap.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
+                    help="sharded only: dtype of the frozen weights in the store (float16 "
+                         "halves the bundle; they are widened to float32 per layer)")
     ap.add_argument("--no-verify", action="store_true", help="skip the fresh-process check")
     args = ap.parse_args(argv)
     try:
@@ -33,7 +41,14 @@ def main(argv=None) -> int:
                 raise MobiletuneError(f"--variants {args.variants!r}: expected integers") from None
         else:
             variants = [v for v in range(1, recipe.micro_batch + 1) if recipe.batch_size % v == 0]
-        rep = export_bundle(recipe, args.out, variants, verify=not args.no_verify)
+        if args.sharded:
+            from export.sharded import export_sharded
+            rep = export_sharded(recipe, args.out, variants, args.store_dtype,
+                                 verify=not args.no_verify)
+        elif args.store_dtype != "float32":
+            raise MobiletuneError("--store-dtype applies to --sharded bundles only")
+        else:
+            rep = export_bundle(recipe, args.out, variants, verify=not args.no_verify)
     except MobiletuneError as e:
         print(f"mobiletune: error: {e}", file=sys.stderr)
         return 2

@@ -58,15 +58,11 @@ def _check_size(recipe: Recipe, n_all: int, n_tr: int | None) -> None:
         raise ExportError(f"{recipe.model}: {n_all:,} params"
                           + (f" ({n_tr:,} trainable)" if n_tr is not None else "")
                           + f" is too large for a monolithic bundle on this machine (limits "
-                          f"{MAX_TOTAL_PARAMS:,} / {MAX_TRAINABLE_PARAMS:,} trainable): it needs the "
-                          f"sharded export (per-block signatures), which this version does not "
-                          f"have yet")
+                          f"{MAX_TOTAL_PARAMS:,} / {MAX_TRAINABLE_PARAMS:,} trainable): export it with "
+                          f"--sharded (per-block signatures, weights streamed from disk)")
 
 
-def export_bundle(recipe: Recipe, out, variants=(1, 2, 4), verify: bool = True) -> dict:
-    """Write the bundle; returns a report (bytes, needed bytes, seconds, peak memory)."""
-    t0 = time.perf_counter()
-    out = Path(out)
+def check_variants(recipe: Recipe, variants) -> tuple[int, ...]:
     variants = tuple(sorted(set(int(v) for v in variants)))
     if not variants or min(variants) < 1:
         raise ExportError(f"--variants {variants}: need positive micro-batch sizes")
@@ -75,6 +71,14 @@ def export_bundle(recipe: Recipe, out, variants=(1, 2, 4), verify: bool = True) 
         raise ExportError(f"--variants {bad}: each micro-batch size must divide the effective "
                           f"batch {recipe.batch_size} (micro_batch × accumulation), so any "
                           f"variant can make up a whole optimizer step")
+    return variants
+
+
+def export_bundle(recipe: Recipe, out, variants=(1, 2, 4), verify: bool = True) -> dict:
+    """Write the bundle; returns a report (bytes, needed bytes, seconds, peak memory)."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    variants = check_variants(recipe, variants)
     cfg = peek_config(recipe.model)
     if cfg is not None:  # refuse before loading weights where the config is at hand
         _check_size(recipe, cfg.num_params, None if recipe.lora else cfg.num_params)
@@ -144,8 +148,16 @@ def verify_in_fresh_process(bundle: Path) -> None:
 
 
 def report_lines(rep: dict) -> list[str]:
-    return [f"bundle {rep['bundle']}: {rep['bundle_bytes']:,} bytes for {rep['needed_bytes']:,} "
-            f"bytes of state ({rep['ratio']:.2f}×; program {rep['program_bytes']:,} bytes)",
+    if rep.get("sharded"):
+        first = (f"sharded bundle {rep['bundle']}: {rep['bundle_bytes']:,} bytes for "
+                 f"{rep['weights_bytes']:,} bytes of float32 weights ({rep['ratio']:.2f}×, store "
+                 f"{rep['store_dtype']}; program {rep['program_bytes']:,} bytes, "
+                 f"{rep['signatures']} signatures)")
+    else:
+        first = (f"bundle {rep['bundle']}: {rep['bundle_bytes']:,} bytes for "
+                 f"{rep['needed_bytes']:,} bytes of state ({rep['ratio']:.2f}×; program "
+                 f"{rep['program_bytes']:,} bytes)")
+    return [first,
             f"params {rep['params']:,} ({rep['trainable_params']:,} trainable); variants "
             f"{rep['variants']}; conversion {rep['convert_seconds']:.1f} s, export "
             f"{rep['export_seconds']:.1f} s; peak RSS {rep['peak_rss_mb']:.0f} MB",

@@ -99,6 +99,23 @@ def build_module(program, frozen_specs, variants):
     return m, sigs, meta
 
 
+def build_pure_module(table: dict):
+    """(tf.Module, {name: concrete function}) for stateless signatures: ``table`` maps a
+    name to (fn(dict of inputs) -> dict of outputs, [TensorSpec inputs]) — the sharded
+    program, where weights are inputs and the host keeps all state."""
+    m = tf.Module()
+    sigs = {}
+    for name, (fn, specs) in table.items():
+        names = [s.name for s in specs]
+        conv = jax2tf.convert(lambda *a, fn=fn, names=names: fn(dict(zip(names, a))),
+                              with_gradient=False)
+        spec = {s.name: tf.TensorSpec(s.shape, _DT[s.dtype], name=s.name) for s in specs}
+        f = tf.function(lambda args, conv=conv, names=names: conv(*[args[n] for n in names]),
+                        input_signature=[spec], autograph=False)
+        sigs[name] = f.get_concrete_function()
+    return m, sigs
+
+
 def _setter(vs):
     def setter(args):
         for n, v in vs.items():

@@ -60,6 +60,22 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
         return model(torch.as_tensor(tokens)).logits.float().numpy()
 
 
+def tiny_dir_with_gpt2_tokenizer(path, family: str, seed: int = 0):
+    """TINY_HF[family] with GPT-2's vocabulary (50,257) and real tokenizer, on disk."""
+    import jax
+
+    from mobiletune import assets, models
+    from mobiletune.checkpoints.hf import save_hf_dir
+    from mobiletune.models.config import ModelConfig
+    from mobiletune.runtime.tokenizer import Tokenizer
+    cfg = ModelConfig.from_hf_config({**TINY_HF[family], "vocab_size": 50257})
+    params = {k: np.asarray(v) for k, v in models.init_params(cfg, jax.random.PRNGKey(seed)).items()}
+    f = assets.tokenizer_files("gpt2")
+    save_hf_dir(path, cfg, params, tokenizer=Tokenizer.from_gpt2_files(f["vocab.json"],
+                                                                       f["merges.txt"]))
+    return path
+
+
 def tiny_gpt2_dir(path, seed: int = 0, n_layer: int = 2, n_embd: int = 48):
     """A small random GPT-2 HF directory with the real GPT-2 tokenizer (vocab 50,257), on
     disk like any user checkpoint: config.json, model.safetensors, tokenizer files."""

@@ -48,7 +48,16 @@ def is_sliding(cfg: ModelConfig, i: int) -> bool:
     return cfg.layer_types[i] == "sliding_attention"
 
 
-def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None, lora=None):
+def attention_kind(cfg: ModelConfig, i: int) -> tuple:
+    """(RoPE base, RoPE linear scaling factor, sliding window or None) of layer i."""
+    if is_sliding(cfg, i):
+        return cfg.rope_local_theta, 1.0, cfg.sliding_window
+    return cfg.rope_theta, cfg.rope_scaling_factor, None
+
+
+def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None, lora=None, attn=None):
+    """One layer; ``attn`` overrides ``attention_kind(cfg, i)`` (the sharded export passes
+    it as signature inputs so that local and global layers share one program)."""
     nh, kh, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps
     norm = lambda x, name: L.rms_norm(x, lp[name], eps, plus_one=True)  # noqa: E731
     x = norm(h, "input_layernorm.weight")
@@ -57,10 +66,7 @@ def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None, lora=Non
     v = L.split_heads(L.dense(lp, "self_attn.v_proj", x, lora), kh, hd)
     q = norm(q, "self_attn.q_norm.weight")                                # (B, T, H, Dh)
     k = norm(k, "self_attn.k_norm.weight")                                # (B, T, K, Dh)
-    if is_sliding(cfg, i):
-        theta, factor, window = cfg.rope_local_theta, 1.0, cfg.sliding_window
-    else:
-        theta, factor, window = cfg.rope_theta, cfg.rope_scaling_factor, None
+    theta, factor, window = attention_kind(cfg, i) if attn is None else attn
     q = L.rope(q, positions, theta, factor)
     k = L.rope(k, positions, theta, factor)
     a, new_kv = L.attend_with_cache(q, k, v, positions, layer_cache,

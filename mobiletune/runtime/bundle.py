@@ -24,6 +24,17 @@ Signatures (``k`` = a micro-batch variant, ``T`` = ``seq_len``):
 inputs/targets are int32 (k, T); loss_mask float32 (k, T). The loss of an optimizer step is
 the summed NLL over counted tokens of the effective batch / their number, as on the desktop.
 
+A *sharded* bundle (``Manifest.sharded`` set; schema 2) has no variables and no frozen
+section: its program holds per-block signatures that take the weights as inputs
+(``block_fwd_<kind>_b{k}``, ``block_bwd_<kind>_b{k}``, ``norm_fwd/_bwd_b{k}``,
+``head_fwd_b{k}``, ``head_wgrad_b{k}``, ``opt_decay`` / ``opt_nodecay``; see
+``mobiletune.sharded``), the base weights are in ``weights.safetensors`` (float32 or float16,
+memory-mapped by the phone), and ``state`` names ``trainable/…``, ``acc/…``,
+``opt/<group>/<leaf>`` (flattened per optimizer group), ``acc_nll``, ``acc_count``. The
+``sharded`` section gives the layers (HF prefix, block kind, attention inputs), the kinds'
+frozen and trainable tensor names, the embedding / norm / head names, the vocabulary and
+optimizer chunk sizes, the optimizer groups and their state leaves, and ``clip_norm``.
+
 This module imports only the standard library (it runs on the phone and in the exporter).
 """
 
@@ -36,7 +47,7 @@ from pathlib import Path
 
 from mobiletune.errors import MobiletuneError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2    # 2: the optional ``sharded`` section (version-1 bundles still load)
 FORMAT = "mobiletune-training-bundle"
 MANIFEST = "manifest.json"
 PROGRAM = "program.tflite"
@@ -87,6 +98,7 @@ class Manifest:
     files: dict                      # role -> {"path", "sha256", "bytes"}
     tokenizer: dict                  # bos_id, eos_id, pad_id, adds_bos
     tools: dict                      # versions of what made it
+    sharded: dict | None = None      # sharded bundles: layout (see below); None: monolithic
     schema_version: int = SCHEMA_VERSION
     format: str = FORMAT
     extra: dict = field(default_factory=dict)
@@ -121,7 +133,8 @@ class Manifest:
                 frozen=tuple(TensorSpec.from_dict(x) for x in d["frozen"]),
                 signatures=tuple(Signature.from_dict(x) for x in d["signatures"]),
                 files=d["files"], tokenizer=d["tokenizer"], tools=d["tools"],
-                schema_version=v, format=d["format"], extra=d.get("extra", {}))
+                sharded=d.get("sharded"), schema_version=v, format=d["format"],
+                extra=d.get("extra", {}))
         except KeyError as e:
             raise BundleError(f"{source}: missing key {e.args[0]!r}") from None
 

@@ -33,7 +33,9 @@ class BundleRunner:
 
     @classmethod
     def open(cls, bundle_dir, threads: int | None = None, state: dict | None = None,
-             verify: bool = True) -> "BundleRunner":
+             verify: bool = True, memory_budget_mb: float | None = None):
+        """A ``BundleRunner``, or for a sharded bundle a ``ShardedRunner`` (same interface).
+        ``memory_budget_mb`` applies to sharded bundles (see ``runtime.sharded``)."""
         from ai_edge_litert.interpreter import Interpreter
         d = Path(bundle_dir)
         m = read_manifest(d)
@@ -53,6 +55,9 @@ class BundleRunner:
                 raise BundleError(f"{d / PROGRAM}: signature {sig.name!r} takes "
                                   f"{sorted(have[sig.name]['inputs'])[:4]}..., the manifest says "
                                   f"{want[:4]}...")
+        if m.sharded is not None:
+            from mobiletune.runtime.sharded import open_sharded
+            return open_sharded(d, m, it, state, memory_budget_mb)
         r = cls(d, m, it)
         if m.frozen:
             r._run("set_frozen", {input_name(k): v for k, v in _load(d / BASE).items()})

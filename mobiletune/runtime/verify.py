@@ -22,12 +22,14 @@ def verify(bundle: str) -> list[str]:
     z = np.zeros((k, m.seq_len), np.int32)
     batch = {"inputs": z, "targets": z, "loss_mask": np.ones((k, m.seq_len), np.float32)}
     nll, count = r.eval(batch)
-    logits = r.infer([0], 0)
     state = r.get_state()
     assert set(state) == {s.name for s in m.state}, "get_state names differ from the manifest"
-    assert np.isfinite(nll) and count == k * m.seq_len and logits.shape == (m.model["vocab_size"],)
-    for name in train_signatures(k):
-        assert name in {s.name for s in m.signatures}
+    assert np.isfinite(nll) and count == k * m.seq_len
+    if m.sharded is None:  # a sharded bundle's signatures are checked by BundleRunner.open
+        logits = r.infer([0], 0)
+        assert logits.shape == (m.model["vocab_size"],)
+        for name in train_signatures(k):
+            assert name in {s.name for s in m.signatures}
     return sorted(x for x in sys.modules if x.split(".")[0] in FORBIDDEN)
 
 

@@ -1,0 +1,129 @@
+"""Recipe -> sharded training bundle: a program whose signatures do not grow with depth
+(``mobiletune.sharded``) plus a weight store the phone streams from.
+
+    python -m export RECIPE.py --out BUNDLE --sharded [--store-dtype float16]
+
+The weights are written first and dropped before tracing, so the exporter's peak memory
+is about one copy of the model (plus the converter's, which only sees one block).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+import mobiletune
+from mobiletune.errors import MobiletuneError
+from mobiletune.loading import load_model
+from mobiletune.recipe import Recipe
+from mobiletune.runtime import safetensors_io as st
+from mobiletune.runtime.bundle import MANIFEST, PROGRAM, STATE, Manifest, TensorSpec, file_entry
+from mobiletune.runtime.sharded import STORE
+from mobiletune.sharded import ShardedModel, signature_meta
+from mobiletune.trainer import build_steps
+
+STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def state_specs(sm: ShardedModel) -> tuple[TensorSpec, ...]:
+    out = []
+    for t in sm.trainable:
+        out += [TensorSpec(f"trainable/{t}", tuple(sm.shapes[t]), "float32"),
+                TensorSpec(f"acc/{t}", tuple(sm.shapes[t]), "float32")]
+    for g in sm.groups:
+        for n, shape, dtype in sm.layout("float32")["opt_leaves"][g["signature"][4:]]:
+            shape = (g["size"],) if tuple(shape) == (sm.opt_chunk,) else tuple(shape)
+            out.append(TensorSpec(f"opt/{g['name']}/{n}", shape, dtype))
+    out += [TensorSpec("acc_nll", (), "float32"), TensorSpec("acc_count", (), "float32")]
+    return tuple(sorted(out, key=lambda s: s.name))
+
+
+def write_files(recipe: Recipe, tmp: Path, variants, store_dtype: str,
+                vocab_chunk: int = 8192) -> tuple[ShardedModel, dict, object]:
+    """Load the model, write the weight store and the initial state into ``tmp``; returns
+    (the sharded model, the file entries, the tokenizer). No TensorFlow involved."""
+    if store_dtype not in STORE_DTYPES:
+        raise MobiletuneError(
+            f"--store-dtype {store_dtype!r}: expected {' or '.join(STORE_DTYPES)}")
+    m = load_model(recipe.model, seed=recipe.seed)
+    tok = m.tokenizer
+    steps, trainable, frozen = build_steps(recipe, m)
+    oc = dataclasses.replace(recipe.optim, total_steps=recipe.steps)
+    sm = ShardedModel(steps.cfg, steps.lcfg, oc,
+                      {k: tuple(v.shape) for k, v in trainable.items()},
+                      {k: tuple(v.shape) for k, v in frozen.items()}, recipe.seq_len,
+                      vocab_chunk=vocab_chunk)
+    tmp.mkdir(parents=True)
+    dt = STORE_DTYPES[store_dtype]
+    st.save(tmp / STORE, {k: np.asarray(v).astype(dt, copy=False) for k, v in frozen.items()})
+    del frozen
+    init = {f"trainable/{k}": np.asarray(v) for k, v in trainable.items() if np.any(v)}
+    st.save(tmp / STATE, init)  # zeros (optimizer moments, accumulators, LoRA B) implied
+    del trainable, init, m
+    gc.collect()
+    tok.save(tmp)
+    files = {"weights": file_entry(tmp, STORE), "state": file_entry(tmp, STATE)}
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        files[name] = file_entry(tmp, name)
+    return sm, files, tok
+
+
+def manifest_for(recipe: Recipe, sm: ShardedModel, variants, files, tok, store_dtype,
+                 signatures) -> Manifest:
+    from export.build import _version
+    return Manifest(
+        model=sm.cfg.to_dict(), lora=sm.lcfg.to_dict() if sm.lcfg else None,
+        optim=sm.optim.to_dict(), data=recipe.data_config().to_dict(), recipe=recipe.to_dict(),
+        seq_len=recipe.seq_len, variants=tuple(variants), effective_batch=recipe.batch_size,
+        state=state_specs(sm), frozen=(), signatures=tuple(signatures), files=files,
+        tokenizer={"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+                   "adds_bos": tok.adds_bos},
+        tools={"mobiletune": mobiletune.__version__, "jax": _version("jax"),
+               "tensorflow": _version("tensorflow-cpu") or _version("tensorflow"),
+               "ai-edge-litert": _version("ai-edge-litert")},
+        sharded=sm.layout(store_dtype),
+        extra={"hf_config": sm.cfg.to_hf_dict(), "base_model": recipe.model})
+
+
+def export_sharded(recipe: Recipe, out, variants, store_dtype: str = "float32",
+                   verify: bool = True, program: bool = True, vocab_chunk: int = 8192) -> dict:
+    """Write a sharded bundle; ``program=False`` skips the LiteRT program (tests run the
+    chain with ``mobiletune.sharded.JaxCalls`` instead). Returns a report."""
+    from export.build import check_variants, peak_rss_mb, verify_in_fresh_process
+    t0 = time.perf_counter()
+    out = Path(out)
+    variants = check_variants(recipe, variants)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sm, files, tok = write_files(recipe, tmp, variants, store_dtype, vocab_chunk)
+    convert_s, program_bytes = 0.0, 0
+    if program:
+        from export.tflite import build_pure_module, convert
+        module, sigs = build_pure_module(sm.signatures(variants))
+        flat, convert_s = convert(module, sigs)
+        (tmp / PROGRAM).write_bytes(flat)
+        files["program"] = file_entry(tmp, PROGRAM)
+        program_bytes = len(flat)
+    manifest = manifest_for(recipe, sm, variants, files, tok, store_dtype,
+                            signature_meta(sm, variants) if program else [])
+    st.write_text_atomic(tmp / MANIFEST, manifest.to_json())
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    if verify and program:
+        verify_in_fresh_process(out)
+    bundle_bytes = sum(p.stat().st_size for p in out.iterdir())
+    n_all = sum(int(np.prod(s)) for s in sm.shapes.values())
+    n_tr = sum(int(np.prod(sm.shapes[t])) for t in sm.trainable)
+    weights_bytes = 4 * n_all
+    return {"bundle": str(out), "bundle_bytes": bundle_bytes, "weights_bytes": weights_bytes,
+            "ratio": bundle_bytes / weights_bytes, "program_bytes": program_bytes,
+            "params": n_all, "trainable_params": n_tr, "store_dtype": store_dtype,
+            "convert_seconds": convert_s, "export_seconds": time.perf_counter() - t0,
+            "peak_rss_mb": peak_rss_mb(), "variants": list(variants), "sharded": True,
+            "signatures": len(manifest.signatures)}

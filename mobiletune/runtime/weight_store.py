@@ -1,0 +1,86 @@
+"""The sharded bundle's weight store: one safetensors file, memory-mapped, read a tensor (or
+a block of rows) at a time and widened to float32; pages are handed back to the kernel
+(``MADV_DONTNEED``) once a tensor has been copied, so a resident mapped page — which counts
+in RSS — does not outlive its use."""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import numpy as np
+
+from mobiletune.runtime import safetensors_io as st
+from mobiletune.runtime.bundle import BundleError
+
+_PAGE = mmap.PAGESIZE
+
+
+class WeightStore:
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            header, _, start = st.read_header(self.path)
+        except st.SafetensorsError as e:
+            raise BundleError(str(e)) from None
+        self.entries = {}
+        for name, e in header.items():
+            dt = st._DTYPES.get(e["dtype"])
+            if dt not in (np.float32, np.float16):
+                raise BundleError(f"{self.path}: tensor {name!r} is {e['dtype']}; the weight "
+                                  f"store holds F32 or F16")
+            b, en = e["data_offsets"]
+            shape = tuple(e["shape"])
+            if en - b != int(np.prod(shape)) * np.dtype(dt).itemsize:
+                raise BundleError(f"{self.path}: tensor {name!r}: {en - b} bytes do not hold "
+                                  f"shape {shape} of {e['dtype']}")
+            self.entries[name] = (np.dtype(dt), shape, start + b)
+        self._f = open(self.path, "rb")
+        self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def __contains__(self, name) -> bool:
+        return name in self.entries
+
+    def shape(self, name) -> tuple:
+        return self._entry(name)[1]
+
+    def _entry(self, name):
+        if name not in self.entries:
+            raise BundleError(f"{self.path}: no tensor {name!r} in the weight store")
+        return self.entries[name]
+
+    def _view(self, name, r0=0, r1=None) -> tuple[np.ndarray, int, int]:
+        dt, shape, off = self._entry(name)
+        row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        r1 = shape[0] if r1 is None else r1
+        b0 = off + r0 * row * dt.itemsize
+        n = (r1 - r0) * row
+        a = np.frombuffer(self._mm, dt, count=n, offset=b0)
+        return a.reshape((r1 - r0, *shape[1:]) if shape else ()), b0, n * dt.itemsize
+
+    def release(self, b0: int, nbytes: int) -> None:
+        lo = b0 // _PAGE * _PAGE
+        hi = -(-(b0 + nbytes) // _PAGE) * _PAGE
+        self._mm.madvise(mmap.MADV_DONTNEED, lo, min(hi, len(self._mm)) - lo)
+
+    def get(self, name, r0: int = 0, r1: int | None = None, out=None) -> np.ndarray:
+        """A float32 copy of a tensor (or rows r0:r1 of it); its pages are released."""
+        a, b0, nb = self._view(name, r0, r1)
+        if out is None:
+            res = a.astype(np.float32)
+        else:
+            out[: len(a)] = a
+            res = out
+        self.release(b0, nb)
+        return res
+
+    def gather_rows(self, name, ids) -> np.ndarray:
+        """rows[ids] as float32 (an embedding lookup) — only the touched pages are read."""
+        a, b0, nb = self._view(name)
+        res = a[np.asarray(ids)].astype(np.float32)
+        self.release(b0, nb)
+        return res
+
+    def close(self):
+        self._mm.close()
+        self._f.close()

@@ -1,0 +1,307 @@
+"""Sharded training: the model as a chain of small pure functions whose number does not grow
+with depth — the JAX reference of a sharded bundle (``export/`` traces exactly these).
+
+One optimizer step on the phone (``mobiletune.runtime.sharded``) runs, per micro-batch:
+
+  h_0 = embed(tokens)                                 host: a gather from the weight store
+  h_{i+1} = block_fwd(h_i, W_i)                       every layer, h_i kept (B·T·D each)
+  hn = norm_fwd(h_L)
+  per vocabulary chunk c (rows c·Vc … of the head): head_fwd(hn, W_c) -> the chunk's
+      log-sum-exp, target logit, and its softmax- and target-weighted rows of W_c; the host
+      merges chunks online, so the B·T·V logits never exist and the head is read once
+  [head_wgrad(hn, W_c, lse, mask) -> dW_c, a second pass, only when the head trains]
+  dh = norm_bwd(h_L, dhn);  dh, dW_i = block_bwd(h_i, dh, W_i)   (recomputes the block)
+  [embedding gradient: host scatter-add, only when the embedding trains]
+and then ``opt_decay`` / ``opt_nodecay`` (the recipe's optax optimizer, elementwise) over
+fixed-size chunks of each shard's flattened trainable vector. Global-norm clipping is a
+host-side reduction over all shards before the optimizer, as ``optax.clip_by_global_norm``.
+
+Gradients are of the summed NLL (as ``Steps.accumulate``); the host divides by the token
+count at ``apply``. Gemma's local/global layers share one block program: RoPE base, scaling
+and window are signature inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mobiletune import models
+from mobiletune.errors import MobiletuneError
+from mobiletune.models.layers import NEG_INF
+from mobiletune.optim import OptimConfig, decay_mask, make_optimizer
+from mobiletune.runtime.bundle import Signature, TensorSpec
+
+W, G, S = "w__", "g__", "s__"       # input/output name prefixes: weights, gradients, opt state
+NO_WINDOW = 1 << 30                  # "global" attention as a window no sequence reaches
+
+
+def _key_str(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+class ShardedModel:
+    """Layout + signature functions for one (model, LoRA/full, optimizer, seq_len)."""
+
+    def __init__(self, cfg, lcfg, optim: OptimConfig, trainable_shapes: dict, frozen_shapes: dict,
+                 seq_len: int, vocab_chunk: int = 8192, opt_chunk: int = 1 << 16):
+        if lcfg is not None and lcfg.dropout > 0:
+            raise MobiletuneError(f"lora.dropout={lcfg.dropout}: bundles train without dropout "
+                                  f"(LiteRT has no random ops); --set lora.dropout=0")
+        if optim.name == "adafactor":
+            raise MobiletuneError("optim.name='adafactor' factors its second moments across a "
+                                  "whole matrix; the sharded optimizer is elementwise: use adamw "
+                                  "or sgd")
+        self.cfg, self.lcfg, self.optim, self.seq_len = cfg, lcfg, optim, seq_len
+        self.fam = models.family(cfg)
+        self.shapes = {**frozen_shapes, **trainable_shapes}
+        self.trainable = sorted(trainable_shapes)
+        self.vocab_chunk = min(vocab_chunk, cfg.vocab_size)
+        self.opt_chunk = opt_chunk
+        self.head = self.fam.output_weight({k: k for k in self.shapes}, cfg)  # its HF name
+        self.head_trainable = self.head in trainable_shapes
+        self.embed_name = ("transformer.wte.weight" if cfg.family == "gpt2"
+                           else "model.embed_tokens.weight")
+        prefixes = [self.fam.layer_prefix(i) for i in range(cfg.num_layers)]
+        self.layers = []
+        kinds: dict[tuple, str] = {}
+        for i, p in enumerate(prefixes):
+            rel = sorted(k[len(p):] for k in self.shapes if k.startswith(p))
+            tr = tuple(r for r in rel if p + r in trainable_shapes)
+            fr = tuple(r for r in rel if p + r not in trainable_shapes)
+            key = (fr, tr, tuple(self.shapes[p + r] for r in rel))
+            kind = kinds.setdefault(key, f"k{len(kinds)}")
+            self.layers.append({"prefix": p, "kind": kind, "attn": self._attn(i)})
+        self.kinds = {k: {"frozen": list(fr), "trainable": list(tr)}
+                      for (fr, tr, _), k in kinds.items()}
+        in_layers = {p + r for p in prefixes for r in self._rel_all(p)}
+        self.outer = sorted(k for k in self.shapes if k not in in_layers)
+        self.norm_names = sorted(k for k in self.outer if k not in (self.head, self.embed_name)
+                                 and "wpe" not in k)
+        self.opt = {"decay": make_optimizer(dataclasses.replace(
+                        optim, clip_norm=None, decay_norms_biases_embeddings=True)),
+                    "nodecay": make_optimizer(dataclasses.replace(
+                        optim, clip_norm=None, weight_decay=0.0))}
+        self.groups = self._groups()
+
+    def _rel_all(self, p):
+        return [k[len(p):] for k in self.shapes if k.startswith(p)]
+
+    def _attn(self, i):
+        if self.cfg.family != "gemma3":
+            return None
+        theta, factor, window = self.fam.attention_kind(self.cfg, i)
+        return [float(theta), float(factor), int(window or NO_WINDOW)]
+
+    def _groups(self) -> list[dict]:
+        """Optimizer groups: (shard, decay?) -> the trainable tensors flattened in order."""
+        mask = decay_mask({k: None for k in self.trainable}, self.optim)
+        shard_of = {}
+        for i, lay in enumerate(self.layers):
+            for r in self.kinds[lay["kind"]]["trainable"]:
+                shard_of[lay["prefix"] + r] = f"layer.{i}"
+        out = {}
+        for k in self.trainable:
+            name = f"{shard_of.get(k, 'outer')}.{'decay' if mask[k] else 'nodecay'}"
+            out.setdefault(name, []).append(k)
+        return [{"name": n, "tensors": ts, "signature": "opt_" + n.rsplit(".", 1)[1],
+                 "size": int(sum(np.prod(self.shapes[t]) for t in ts))}
+                for n, ts in sorted(out.items())]
+
+    # --- opt state layout -------------------------------------------------------------
+    def opt_leaves(self, which: str) -> list[tuple[str, tuple]]:
+        """(leaf name, shape) of the optimizer state for one chunk vector."""
+        st = self.opt[which].init({"p": jnp.zeros((self.opt_chunk,), jnp.float32)})
+        paths, _ = jax.tree_util.tree_flatten_with_path(st)
+        return [("/".join(_key_str(k) for k in p), tuple(v.shape)) for p, v in paths]
+
+    # --- signature functions ------------------------------------------------------------
+    def _lora(self):
+        return None if self.lcfg is None else self.lcfg.ctx()
+
+    def _block(self, h, attn, w):
+        positions = jnp.arange(h.shape[1], dtype=jnp.int32)
+        kw = {} if attn is None else {"attn": attn}
+        return self.fam.block(w, self.cfg, 0, h, positions, None, self._lora(), **kw)[0]
+
+    def block_fwd(self, h, attn, w):
+        return self._block(h, attn, w)
+
+    def block_bwd(self, h, dh, attn, w_frozen, w_train):
+        _, vjp = jax.vjp(lambda x, wt: self._block(x, attn, {**w_frozen, **wt}), h, w_train)
+        return vjp(dh)                                             # (dh_in, {name: grad})
+
+    def norm_fwd(self, h, w):
+        return self.fam.final_norm(w, self.cfg, h)
+
+    def norm_bwd(self, h, dhn, w_frozen, w_train):
+        _, vjp = jax.vjp(lambda x, wt: self.fam.final_norm({**w_frozen, **wt}, self.cfg, x),
+                         h, w_train)
+        return vjp(dhn)
+
+    def _chunk_logits(self, hn, w, col_valid):
+        z = jnp.einsum("btd,vd->btv", hn, w)                        # (B, T, Vc)
+        g = None
+        c = self.cfg.final_logit_softcapping
+        if c is not None:
+            t = jnp.tanh(z / c)
+            z, g = t * c, 1.0 - t * t
+        return jnp.where(col_valid > 0, z, NEG_INF), g
+
+    def head_fwd(self, hn, w, col_valid, labels):
+        """One vocabulary chunk: lse (B,T), target logit (B,T) (0 if the target is in
+        another chunk), u = softmax_c ⊙ g @ W_c and t = onehot ⊙ g @ W_c (B,T,D), where
+        g is the soft-cap's derivative (1 without soft-capping)."""
+        z, g = self._chunk_logits(hn, w, col_valid)
+        lse = jax.nn.logsumexp(z, axis=-1)
+        onehot = jax.nn.one_hot(labels, z.shape[-1], dtype=z.dtype)  # out of chunk: zeros
+        p = jnp.exp(z - lse[..., None])
+        if g is not None:
+            p, onehot_g = p * g, onehot * g
+        else:
+            onehot_g = onehot
+        return {"lse": lse, "target_logit": (z * onehot).sum(-1),
+                "u": jnp.einsum("btv,vd->btd", p, w), "t": jnp.einsum("btv,vd->btd", onehot_g, w)}
+
+    def head_wgrad(self, hn, w, col_valid, labels, lse, mask):
+        z, g = self._chunk_logits(hn, w, col_valid)
+        dz = jnp.exp(z - lse[..., None]) - jax.nn.one_hot(labels, z.shape[-1], dtype=z.dtype)
+        if g is not None:
+            dz = dz * g
+        return jnp.einsum("btv,btd->vd", dz * mask[..., None], hn)
+
+    def opt_update(self, which: str, p, g, leaves: dict):
+        opt = self.opt[which]
+        st0 = opt.init({"p": p})
+        paths, treedef = jax.tree_util.tree_flatten_with_path(st0)
+        names = ["/".join(_key_str(k) for k in path) for path, _ in paths]
+        state = jax.tree.unflatten(treedef, [leaves[n] for n in names])
+        upd, new = opt.update({"p": g}, state, {"p": p})
+        p2 = optax.apply_updates({"p": p}, upd)["p"]
+        return p2, dict(zip(names, jax.tree.leaves(new)))
+
+    # --- the signature table -------------------------------------------------------------
+    def signatures(self, variants) -> dict[str, tuple]:
+        """name -> (fn(**inputs) -> {output: array}, [TensorSpec inputs])."""
+        t, d = self.seq_len, self.cfg.hidden_size
+        f32 = "float32"
+        out = {}
+        attn_specs = [] if self.layers[0]["attn"] is None else [
+            TensorSpec("rope_theta", (), f32), TensorSpec("rope_factor", (), f32),
+            TensorSpec("window", (), "int32")]
+
+        def attn_of(kw):
+            if not attn_specs:
+                return None
+            return kw["rope_theta"], kw["rope_factor"], kw["window"]
+
+        def wspecs(rels, prefix_shape):
+            return [TensorSpec(W + r, tuple(self.shapes[prefix_shape + r]), f32) for r in rels]
+
+        norm_fr = [n for n in self.norm_names if n not in self.trainable]
+        norm_tr = [n for n in self.norm_names if n in self.trainable]
+        vc = self.vocab_chunk
+        for k in variants:
+            hs = TensorSpec("h", (k, t, d), f32)
+            for kind, names in self.kinds.items():
+                p0 = next(lay["prefix"] for lay in self.layers if lay["kind"] == kind)
+                fr, tr = names["frozen"], names["trainable"]
+                ws = wspecs(fr + tr, p0)
+
+                def fwd(kw, fr=fr, tr=tr):
+                    w = {r: kw[W + r] for r in fr + tr}
+                    return {"h": self.block_fwd(kw["h"], attn_of(kw), w)}
+
+                def bwd(kw, fr=fr, tr=tr):
+                    dh, gw = self.block_bwd(kw["h"], kw["dh"], attn_of(kw),
+                                            {r: kw[W + r] for r in fr}, {r: kw[W + r] for r in tr})
+                    return {"dh": dh, **{G + r: v for r, v in gw.items()}}
+                out[f"block_fwd_{kind}_b{k}"] = (fwd, [hs, *attn_specs, *ws])
+                out[f"block_bwd_{kind}_b{k}"] = (bwd, [hs, TensorSpec("dh", (k, t, d), f32),
+                                                       *attn_specs, *ws])
+            ns = [TensorSpec(W + n, tuple(self.shapes[n]), f32) for n in self.norm_names]
+
+            def nfwd(kw):
+                return {"hn": self.norm_fwd(kw["h"], {n: kw[W + n] for n in self.norm_names})}
+
+            def nbwd(kw):
+                dh, gw = self.norm_bwd(kw["h"], kw["dhn"], {n: kw[W + n] for n in norm_fr},
+                                       {n: kw[W + n] for n in norm_tr})
+                return {"dh": dh, **{G + n: v for n, v in gw.items()}}
+            out[f"norm_fwd_b{k}"] = (nfwd, [hs, *ns])
+            out[f"norm_bwd_b{k}"] = (nbwd, [hs, TensorSpec("dhn", (k, t, d), f32), *ns])
+            head_in = [TensorSpec("hn", (k, t, d), f32), TensorSpec("w", (vc, d), f32),
+                       TensorSpec("col_valid", (vc,), f32), TensorSpec("labels", (k, t), "int32")]
+            out[f"head_fwd_b{k}"] = (lambda kw: self.head_fwd(
+                kw["hn"], kw["w"], kw["col_valid"], kw["labels"]), head_in)
+            if self.head_trainable:
+                out[f"head_wgrad_b{k}"] = (lambda kw: {"g": self.head_wgrad(
+                    kw["hn"], kw["w"], kw["col_valid"], kw["labels"], kw["lse"], kw["mask"])},
+                    head_in + [TensorSpec("lse", (k, t), f32), TensorSpec("mask", (k, t), f32)])
+        c = self.opt_chunk
+        for which in sorted({g["signature"][4:] for g in self.groups}):
+            leaves = self.opt_leaves(which)
+
+            def upd(kw, which=which, leaves=leaves):
+                p, new = self.opt_update(which, kw["p"], kw["g"],
+                                         {n: kw[S + n] for n, _ in leaves})
+                return {"p": p, **{S + n: v for n, v in new.items()}}
+            out["opt_" + which] = (upd, [TensorSpec("p", (c,), f32), TensorSpec("g", (c,), f32),
+                                         *[TensorSpec(S + n, s, _leaf_dtype(self, which, n))
+                                           for n, s in leaves]])
+        return out
+
+    def layout(self, store_dtype: str) -> dict:
+        """The manifest's ``sharded`` section (read by ``mobiletune.runtime.sharded``)."""
+        return {"store_dtype": store_dtype, "vocab_chunk": self.vocab_chunk,
+                "opt_chunk": self.opt_chunk, "layers": self.layers, "kinds": self.kinds,
+                "embed": self.embed_name, "head": self.head, "norm": self.norm_names,
+                "positions": "transformer.wpe.weight" if self.cfg.family == "gpt2" else None,
+                "embed_scale": (self.cfg.hidden_size ** 0.5 if self.cfg.family == "gemma3"
+                                else None),
+                "clip_norm": self.optim.clip_norm, "groups": self.groups,
+                "opt_leaves": {w: [[n, list(s), _leaf_dtype(self, w, n)]
+                                   for n, s in self.opt_leaves(w)]
+                               for w in sorted({g["signature"][4:] for g in self.groups})}}
+
+
+def _leaf_dtype(sm: ShardedModel, which: str, name: str) -> str:
+    st = sm.opt[which].init({"p": jnp.zeros((1,), jnp.float32)})
+    paths, _ = jax.tree_util.tree_flatten_with_path(st)
+    for p, v in paths:
+        if "/".join(_key_str(k) for k in p) == name:
+            return str(v.dtype)
+    raise KeyError(name)
+
+
+def signature_meta(sm: ShardedModel, variants) -> list[Signature]:
+    """The manifest's signature list, outputs from an abstract evaluation."""
+    out = []
+    for name, (fn, specs) in sm.signatures(variants).items():
+        args = {s.name: jax.ShapeDtypeStruct(s.shape, s.dtype) for s in specs}
+        res = jax.eval_shape(fn, args)
+        out.append(Signature(name, tuple(specs), tuple(
+            TensorSpec(k, tuple(v.shape), str(v.dtype)) for k, v in sorted(res.items()))))
+    return out
+
+
+class JaxCalls:
+    """The sharded signatures run by JAX (jit) behind the runtime's call interface: the
+    reference the LiteRT program is checked against, and a fast way to test the host chain."""
+
+    def __init__(self, sm: ShardedModel, variants):
+        self.table = sm.signatures(variants)
+        self._jit = {}
+
+    def __call__(self, name: str, inputs: dict) -> dict:
+        if name not in self._jit:
+            self._jit[name] = jax.jit(self.table[name][0])
+        out = self._jit[name]({k: jnp.asarray(v) for k, v in inputs.items()})
+        return {k: np.asarray(v) for k, v in out.items()}
