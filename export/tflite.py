@@ -26,6 +26,7 @@ import tensorflow as tf  # noqa: E402
 from jax.experimental import jax2tf  # noqa: E402
 
 from mobiletune.errors import MobiletuneError  # noqa: E402
+from mobiletune.models.layers import litert_matmuls  # noqa: E402
 from mobiletune.runtime.bundle import (  # noqa: E402
     Signature,
     TensorSpec,
@@ -42,6 +43,11 @@ class ExportError(MobiletuneError):
 
 def build_module(program, frozen_specs, variants):
     """(tf.Module, {signature name: concrete function}, [Signature])."""
+    with litert_matmuls():
+        return _build_module(program, frozen_specs, variants)
+
+
+def _build_module(program, frozen_specs, variants):
     m = tf.Module()
     state_specs = program.state_specs()
     m.state = {s.name: tf.Variable(tf.zeros(s.shape, _DT[s.dtype]), name=input_name(s.name))
@@ -105,15 +111,19 @@ def build_pure_module(table: dict):
     program, where weights are inputs and the host keeps all state."""
     m = tf.Module()
     sigs = {}
-    for name, (fn, specs) in table.items():
-        names = [s.name for s in specs]
-        conv = jax2tf.convert(lambda *a, fn=fn, names=names: fn(dict(zip(names, a))),
-                              with_gradient=False)
-        spec = {s.name: tf.TensorSpec(s.shape, _DT[s.dtype], name=s.name) for s in specs}
-        f = tf.function(lambda args, conv=conv, names=names: conv(*[args[n] for n in names]),
-                        input_signature=[spec], autograph=False)
-        sigs[name] = f.get_concrete_function()
+    with litert_matmuls():
+        for name, (fn, specs) in table.items():
+            sigs[name] = _pure_signature(fn, specs)
     return m, sigs
+
+
+def _pure_signature(fn, specs):
+    names = [s.name for s in specs]
+    conv = jax2tf.convert(lambda *a: fn(dict(zip(names, a))), with_gradient=False)
+    spec = {s.name: tf.TensorSpec(s.shape, _DT[s.dtype], name=s.name) for s in specs}
+    f = tf.function(lambda args: conv(*[args[n] for n in names]), input_signature=[spec],
+                    autograph=False)
+    return f.get_concrete_function()
 
 
 def _setter(vs):

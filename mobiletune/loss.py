@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from mobiletune import models
+from mobiletune.models.layers import matmul_t
 
 
 def _logits(h, w, softcap):
-    z = jnp.einsum("bcd,vd->bcv", h, w)                              # (B, C, V)
+    z = matmul_t(h, w)                                                # (B, C, V)
     if softcap is None:
         return z, None
     t = jnp.tanh(z / softcap)

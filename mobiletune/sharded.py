@@ -32,6 +32,7 @@ import optax
 
 from mobiletune import models
 from mobiletune.errors import MobiletuneError
+from mobiletune.models import layers as L
 from mobiletune.models.layers import NEG_INF
 from mobiletune.optim import OptimConfig, decay_mask, make_optimizer
 from mobiletune.runtime.bundle import Signature, TensorSpec
@@ -147,7 +148,7 @@ class ShardedModel:
         return vjp(dhn)
 
     def _chunk_logits(self, hn, w, col_valid):
-        z = jnp.einsum("btd,vd->btv", hn, w)                        # (B, T, Vc)
+        z = L.matmul_t(hn, w)                                       # (B, T, Vc)
         g = None
         c = self.cfg.final_logit_softcapping
         if c is not None:
@@ -157,18 +158,19 @@ class ShardedModel:
 
     def head_fwd(self, hn, w, col_valid, labels):
         """One vocabulary chunk: lse (B,T), target logit (B,T) (0 if the target is in
-        another chunk), u = softmax_c ⊙ g @ W_c and t = onehot ⊙ g @ W_c (B,T,D), where
-        g is the soft-cap's derivative (1 without soft-capping)."""
+        another chunk) and u = (softmax_c ⊙ g) @ W_c (B,T,D), where g is the soft-cap's
+        derivative; with soft-capping also g at the target (``target_g``, 0 elsewhere).
+        The target's share of dhn, g_target · W[target], the host forms from one row."""
         z, g = self._chunk_logits(hn, w, col_valid)
         lse = jax.nn.logsumexp(z, axis=-1)
         onehot = jax.nn.one_hot(labels, z.shape[-1], dtype=z.dtype)  # out of chunk: zeros
         p = jnp.exp(z - lse[..., None])
+        out = {"lse": lse, "target_logit": (z * onehot).sum(-1)}
         if g is not None:
-            p, onehot_g = p * g, onehot * g
-        else:
-            onehot_g = onehot
-        return {"lse": lse, "target_logit": (z * onehot).sum(-1),
-                "u": jnp.einsum("btv,vd->btd", p, w), "t": jnp.einsum("btv,vd->btd", onehot_g, w)}
+            p = p * g
+            out["target_g"] = (g * onehot).sum(-1)
+        out["u"] = jnp.einsum("btv,vd->btd", p, w)
+        return out
 
     def head_wgrad(self, hn, w, col_valid, labels, lse, mask):
         z, g = self._chunk_logits(hn, w, col_valid)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from mobiletune.models import gemma3, gpt2, llama
 from mobiletune.models.config import ModelConfig, preset  # noqa: F401
-from mobiletune.models.layers import KVCache, LoraCtx
+from mobiletune.models.layers import KVCache, LoraCtx, matmul_t
 
 _FAMILY = {"gpt2": gpt2, "llama": llama, "qwen2": llama, "gemma3": gemma3}
 
@@ -73,7 +73,7 @@ def hidden_states(params, cfg: ModelConfig, tokens, cache: KVCache | None = None
 
 def unembed(params, cfg: ModelConfig, h):
     """(B, T, D) final hidden -> (B, T, V) logits, soft-capped where the config says."""
-    logits = jnp.einsum("btd,vd->btv", h, family(cfg).output_weight(params, cfg))
+    logits = matmul_t(h, family(cfg).output_weight(params, cfg))          # (B, T, V)
     if cfg.final_logit_softcapping is not None:
         c = cfg.final_logit_softcapping
         logits = jnp.tanh(logits / c) * c

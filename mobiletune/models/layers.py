@@ -8,6 +8,7 @@ All math is float32 (the dtype of the params); softmax is computed in float32.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from typing import NamedTuple
 
@@ -17,15 +18,79 @@ import jax.numpy as jnp
 NEG_INF = -1e30  # finite, so a fully-masked row gives a uniform softmax rather than NaN
 
 
+# LiteRT runs FULLY_CONNECTED with non-constant weights (our weights are variables or
+# signature inputs) on a slow path: 25 GFLOP/s here against 146 for BATCH_MATMUL on the
+# same product (benchmarks/README.md). The converter emits FULLY_CONNECTED for any
+# ``x @ w.T`` (even with an explicit transpose), so under ``litert_matmuls()`` — used while
+# tracing for export — products are written as a batched ``x @ transpose(w)``, which stays
+# a BATCH_MATMUL, with custom VJPs so that the backward pass has the same form.
+_LITERT = [False]
+
+
+@contextlib.contextmanager
+def litert_matmuls():
+    _LITERT[0] = True
+    try:
+        yield
+    finally:
+        _LITERT[0] = False
+
+
+@jax.custom_vjp
+def _xwt(x, w):
+    """x (..., q) @ w (p, q).T as a batched matmul against a materialised transpose."""
+    y = jnp.einsum("bmq,bqp->bmp", x.reshape(1, -1, x.shape[-1]), jnp.transpose(w)[None])
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def _xwt_fwd(x, w):
+    return _xwt(x, w), (x, w)
+
+
+def _xwt_bwd(res, g):
+    x, w = res
+    return jnp.einsum("...p,pq->...q", g, w), jnp.einsum("...p,...q->pq", g, x)
+
+
+_xwt.defvjp(_xwt_fwd, _xwt_bwd)
+
+
+@jax.custom_vjp
+def _xw(x, w):
+    return jnp.einsum("...q,qp->...p", x, w)
+
+
+def _xw_fwd(x, w):
+    return _xw(x, w), (x, w)
+
+
+def _xw_bwd(res, g):
+    x, w = res
+    return _xwt(g, w), jnp.einsum("...q,...p->qp", x, g)
+
+
+_xw.defvjp(_xw_fwd, _xw_bwd)
+
+
+def matmul_t(x, w):
+    """x (..., q) @ w (p, q).T -> (..., p)."""
+    return _xwt(x, w) if _LITERT[0] else jnp.einsum("...q,pq->...p", x, w)
+
+
+def matmul(x, w):
+    """x (..., q) @ w (q, p) -> (..., p)."""
+    return _xw(x, w) if _LITERT[0] else jnp.einsum("...q,qp->...p", x, w)
+
+
 def linear(x, w, b=None):
     """torch.nn.Linear layout: w is (out, in)."""
-    y = jnp.einsum("...i,oi->...o", x, w)
+    y = matmul_t(x, w)
     return y if b is None else y + b
 
 
 def conv1d(x, w, b=None):
     """GPT-2's Conv1D layout: w is (in, out)."""
-    y = jnp.einsum("...i,io->...o", x, w)
+    y = matmul(x, w)
     return y if b is None else y + b
 
 

@@ -23,6 +23,10 @@ def build_parser(prog: str = "python -m mobiletune.runtime") -> argparse.Argumen
                         "battery is found, else termux-battery-status, else none)")
     p.add_argument("--threads", type=int, help="LiteRT interpreter threads")
     p.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints")
+    p.add_argument("--memory-budget-mb", type=float,
+                   help="sharded bundles: memory this process may use; the headroom left "
+                        "after the first micro-batch keeps layer weights between the forward "
+                        "and backward passes instead of re-reading them (default: keep none)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("generate", help="greedy generation with the bundle's infer signature")
@@ -39,7 +43,8 @@ def cmd_train(args) -> int:
     from mobiletune.runtime.device import device_train
     r = device_train(args.bundle, args.data, args.out, steps=args.steps, battery=args.battery,
                      threads=args.threads, resume=args.resume,
-                     checkpoint_every=args.checkpoint_every)
+                     checkpoint_every=args.checkpoint_every,
+                     memory_budget_mb=args.memory_budget_mb)
     if r.finished:
         print(f"done: {r.step} steps; outputs in {r.out}")
     else:

@@ -77,14 +77,15 @@ def prepare_data(runner: BundleRunner, tok: Tokenizer, data_paths) -> D.Dataset:
 def device_train(bundle, data_paths, out, steps: int | None = None, battery: str = "none",
                  threads: int | None = None, resume: bool = False, checkpoint_every: int = 10,
                  thresholds: S.Thresholds | None = None, poll_s: float = 60.0,
-                 stop_after: int | None = None, clock=None) -> DeviceRun:
+                 stop_after: int | None = None, clock=None,
+                 memory_budget_mb: float | None = None) -> DeviceRun:
     """Train a bundle on local data. ``battery``: auto | sysfs | termux | trace:FILE | none;
     a trace is replayed on a simulated clock (``clock``, default ``SimClock``) advanced by
     each step's measured compute time and the throttle's sleeps, so nothing waits."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpts = Checkpoints(out / "checkpoints")
-    runner = BundleRunner.open(bundle, threads=threads)
+    runner = BundleRunner.open(bundle, threads=threads, memory_budget_mb=memory_budget_mb)
     m = runner.manifest
     bundle_hash = sha256_file(Path(bundle) / "program.tflite")
     tok = Tokenizer.from_dir(bundle)

@@ -90,7 +90,7 @@ class ShardedRunner:
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._cache_cap = 0 if memory_budget_mb is None else None  # None: set after 1st batch
         self._cache_bytes = 0
-        self.attn_inputs = {}
+        self.vocab = int(manifest.model["vocab_size"])
 
     # --- state (the contract names) -----------------------------------------------------
     def _state_views(self) -> dict:
@@ -193,19 +193,30 @@ class ShardedRunner:
         return hs, hn, norm
 
     def _head(self, k, hn, targets, grads: bool):
+        """Merge the vocabulary chunks online: log-sum-exp, target logit, and (grads) the
+        softmax-weighted rows u and the target's row t, so dhn = mask · (u - t)."""
         lse = np.full(targets.shape, -np.inf, np.float32)
         tl = np.zeros(targets.shape, np.float32)
+        tg = np.zeros(targets.shape, np.float32)
         u = np.zeros(hn.shape, np.float32) if grads else None
-        t = np.zeros(hn.shape, np.float32) if grads else None
         for c0, _, w, valid in self._head_chunks():
             o = self.call(f"head_fwd_b{k}", {"hn": hn, "w": w, "col_valid": valid,
                                               "labels": (targets - c0).astype(np.int32)})
             new = np.logaddexp(lse, o["lse"])
             if grads:
                 u = u * np.exp(lse - new)[..., None] + o["u"] * np.exp(o["lse"] - new)[..., None]
-                t += o["t"]
             lse = new
             tl += o["target_logit"]
+            if "target_g" in o:
+                tg += o["target_g"]
+        t = None
+        if grads:
+            head = self.lay["head"]
+            rows = np.clip(targets, 0, self.vocab - 1)
+            t = (self.tensor[head][rows] if head in self.tensor
+                 else self.store.gather_rows(head, rows))
+            if self.manifest.model.get("final_logit_softcapping") is not None:
+                t = t * tg[..., None]
         return lse, tl, u, t
 
     def _loss_and_grads(self, batch, grads: bool) -> tuple[float, float]:
