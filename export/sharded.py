@@ -15,9 +15,11 @@ import shutil
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 import mobiletune
+from mobiletune import lora
 from mobiletune.errors import MobiletuneError
 from mobiletune.loading import load_model
 from mobiletune.recipe import Recipe
@@ -25,7 +27,6 @@ from mobiletune.runtime import safetensors_io as st
 from mobiletune.runtime.bundle import MANIFEST, PROGRAM, STATE, Manifest, TensorSpec, file_entry
 from mobiletune.runtime.sharded import STORE
 from mobiletune.sharded import ShardedModel, signature_meta
-from mobiletune.trainer import build_steps
 
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -44,23 +45,29 @@ def state_specs(sm: ShardedModel) -> tuple[TensorSpec, ...]:
 
 
 def write_files(recipe: Recipe, tmp: Path, variants, store_dtype: str,
-                vocab_chunk: int = 8192) -> tuple[ShardedModel, dict, object]:
+                vocab_chunk: int = 4096) -> tuple[ShardedModel, dict, object]:
     """Load the model, write the weight store and the initial state into ``tmp``; returns
     (the sharded model, the file entries, the tokenizer). No TensorFlow involved."""
     if store_dtype not in STORE_DTYPES:
         raise MobiletuneError(
             f"--store-dtype {store_dtype!r}: expected {' or '.join(STORE_DTYPES)}")
     m = load_model(recipe.model, seed=recipe.seed)
-    tok = m.tokenizer
-    steps, trainable, frozen = build_steps(recipe, m)
+    tok, cfg, params = m.tokenizer, m.cfg, m.params
+    m.params = None
+    if recipe.lora is not None:  # as trainer.build_steps, without a second (JAX) copy
+        lcfg = recipe.lora.resolved(cfg)
+        trainable = {k: np.asarray(v) for k, v in
+                     lora.init_lora(cfg, recipe.lora, jax.random.PRNGKey(recipe.seed)).items()}
+        frozen = params
+    else:
+        lcfg, trainable, frozen = None, params, {}
+    del params
     oc = dataclasses.replace(recipe.optim, total_steps=recipe.steps)
-    sm = ShardedModel(steps.cfg, steps.lcfg, oc,
-                      {k: tuple(v.shape) for k, v in trainable.items()},
+    sm = ShardedModel(cfg, lcfg, oc, {k: tuple(v.shape) for k, v in trainable.items()},
                       {k: tuple(v.shape) for k, v in frozen.items()}, recipe.seq_len,
                       vocab_chunk=vocab_chunk)
     tmp.mkdir(parents=True)
-    dt = STORE_DTYPES[store_dtype]
-    st.save(tmp / STORE, {k: np.asarray(v).astype(dt, copy=False) for k, v in frozen.items()})
+    st.save(tmp / STORE, frozen, dtype=STORE_DTYPES[store_dtype])
     del frozen
     init = {f"trainable/{k}": np.asarray(v) for k, v in trainable.items() if np.any(v)}
     st.save(tmp / STATE, init)  # zeros (optimizer moments, accumulators, LoRA B) implied
@@ -91,7 +98,7 @@ def manifest_for(recipe: Recipe, sm: ShardedModel, variants, files, tok, store_d
 
 
 def export_sharded(recipe: Recipe, out, variants, store_dtype: str = "float32",
-                   verify: bool = True, program: bool = True, vocab_chunk: int = 8192) -> dict:
+                   verify: bool = True, program: bool = True, vocab_chunk: int = 4096) -> dict:
     """Write a sharded bundle; ``program=False`` skips the LiteRT program (tests run the
     chain with ``mobiletune.sharded.JaxCalls`` instead). Returns a report."""
     from export.build import check_variants, peak_rss_mb, verify_in_fresh_process

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from mobiletune import assets
 from mobiletune.errors import DataError, MobiletuneError
 from mobiletune.models.config import ModelConfig
@@ -74,7 +72,7 @@ def load_model(spec: str, seed: int = 0) -> LoadedModel:
         from mobiletune.models.config import preset
         name = spec.split(":", 1)[1]
         cfg = preset(name)
-        params = {k: np.asarray(v) for k, v in init_params(cfg, jax.random.PRNGKey(seed)).items()}
+        params = init_params(cfg, jax.random.PRNGKey(seed), as_numpy=True)
         return LoadedModel(cfg, params, preset_tokenizer(name), spec)
     path = resolve_model_path(spec)
     if path.is_dir():

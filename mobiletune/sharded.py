@@ -52,7 +52,7 @@ class ShardedModel:
     """Layout + signature functions for one (model, LoRA/full, optimizer, seq_len)."""
 
     def __init__(self, cfg, lcfg, optim: OptimConfig, trainable_shapes: dict, frozen_shapes: dict,
-                 seq_len: int, vocab_chunk: int = 8192, opt_chunk: int = 1 << 16):
+                 seq_len: int, vocab_chunk: int = 4096, opt_chunk: int = 1 << 16):
         if lcfg is not None and lcfg.dropout > 0:
             raise MobiletuneError(f"lora.dropout={lcfg.dropout}: bundles train without dropout "
                                   f"(LiteRT has no random ops); --set lora.dropout=0")

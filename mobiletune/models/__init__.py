@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mobiletune.models import gemma3, gpt2, llama
 from mobiletune.models.config import ModelConfig, preset  # noqa: F401
@@ -31,13 +32,17 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     return family(cfg).param_shapes(cfg)
 
 
-def init_params(cfg: ModelConfig, key) -> dict:
-    """Random init in the HF layout (normal(0.02) weights, zero biases, identity norms)."""
+def init_params(cfg: ModelConfig, key, as_numpy: bool = False) -> dict:
+    """Random init in the HF layout (normal(0.02) weights, zero biases, identity norms).
+    ``as_numpy`` converts each tensor as it is made (peak memory: one copy of the model)."""
     fam = family(cfg)
     shapes = param_shapes(cfg)
     keys = jax.random.split(key, len(shapes))
-    return {name: fam.init_layer(cfg, name, shape, k)
-            for (name, shape), k in zip(sorted(shapes.items()), keys)}
+    out = {}
+    for (name, shape), k in zip(sorted(shapes.items()), keys):
+        v = fam.init_layer(cfg, name, shape, k)
+        out[name] = np.asarray(v) if as_numpy else v
+    return out
 
 
 def layer_params(params: dict, cfg: ModelConfig, i: int) -> dict:

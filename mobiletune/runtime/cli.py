@@ -21,7 +21,8 @@ def build_parser(prog: str = "python -m mobiletune.runtime") -> argparse.Argumen
     p.add_argument("--battery", default="auto",
                    help="auto | sysfs | termux | trace:FILE | none (default auto: sysfs if a "
                         "battery is found, else termux-battery-status, else none)")
-    p.add_argument("--threads", type=int, help="LiteRT interpreter threads")
+    p.add_argument("--threads", type=int,
+                   help="LiteRT interpreter threads (default: the cores this process may use)")
     p.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints")
     p.add_argument("--memory-budget-mb", type=float,
                    help="sharded bundles: memory this process may use; the headroom left "

@@ -8,6 +8,7 @@ the signatures as methods over numpy arrays.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ class BundleRunner:
         if verify:
             verify_files(d, m)
         try:
-            it = Interpreter(model_path=str(d / PROGRAM), num_threads=threads)
+            it = Interpreter(model_path=str(d / PROGRAM), num_threads=threads or _cores())
         except (ValueError, RuntimeError) as e:
             raise BundleError(f"{d / PROGRAM}: LiteRT cannot load the program ({e})") from None
         have = it.get_signature_list()
@@ -131,6 +132,14 @@ class BundleRunner:
         t = np.zeros((1, self.manifest.seq_len), np.int32)
         t[0, : len(tokens)] = tokens
         return np.array(self._run("infer", {"tokens": t, "last": np.int32(last)})["logits"])
+
+
+def _cores() -> int:
+    """The cores this process may run on (LiteRT's own default is one thread)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:

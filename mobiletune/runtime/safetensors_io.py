@@ -91,12 +91,16 @@ def metadata(path: str | Path) -> dict:
     return read_header(path)[1]
 
 
-def save(path: str | Path, tensors: dict[str, np.ndarray], meta: dict | None = None) -> None:
-    """Write tensors atomically: a crash leaves either the old file or the new one."""
+def save(path: str | Path, tensors: dict[str, np.ndarray], meta: dict | None = None,
+         dtype=None) -> None:
+    """Write tensors atomically: a crash leaves either the old file or the new one.
+    ``dtype`` casts every tensor as it is written (one tensor's copy at a time)."""
     path = Path(path)
     header, offset, arrays = {}, 0, []
     for name in sorted(tensors):
         a = np.asarray(tensors[name], order="C")  # (ascontiguousarray would make 0-d 1-d)
+        if dtype is not None and a.dtype != np.dtype(dtype):
+            a = _Cast(a, np.dtype(dtype))
         dt = "BF16" if a.dtype.name == "bfloat16" else _NAMES.get(a.dtype)
         if dt is None:
             raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {a.dtype}")
@@ -112,7 +116,17 @@ def save(path: str | Path, tensors: dict[str, np.ndarray], meta: dict | None = N
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for a in arrays:
+            if isinstance(a, _Cast):
+                a = a.src.astype(a.dtype)
             f.write(a.tobytes(order="C") if a.ndim == 0 else memoryview(a.reshape(-1)).cast("B"))
+
+
+class _Cast:
+    """A tensor to be cast when written: shape and dtype for the header, no copy yet."""
+
+    def __init__(self, src: np.ndarray, dtype: np.dtype):
+        self.src, self.dtype, self.shape, self.ndim = src, dtype, src.shape, src.ndim
+        self.nbytes = src.size * dtype.itemsize
 
 
 class atomic_writer:
