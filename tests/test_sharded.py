@@ -186,3 +186,38 @@ def test_float16_store_halves_the_bundle(tmp_path, sharded_runs):
     assert 0.49 < w16 / w32 < 0.51
     m = read_manifest(tmp_path / "b16")
     assert m.sharded["store_dtype"] == "float16"
+
+
+def test_memory_budget_caches_weights_and_changes_nothing(sharded_runs, tmp_path):
+    """With a budget the runner keeps widened layer weights between the passes (an LRU
+    cache); the result is the same computation."""
+    from mobiletune.runtime.litert import BundleRunner
+    d, _, bundle, dev = sharded_runs("gpt2-lora")
+    out = tmp_path / "budget"
+    assert device_train(bundle, [d.parent / "data.txt"], out, battery="none",
+                        memory_budget_mb=4096).finished
+    a = st.load(dev / "adapter" / "adapter_model.safetensors")
+    b = st.load(out / "adapter" / "adapter_model.safetensors")
+    for k in a:
+        np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+    r = BundleRunner.open(bundle, memory_budget_mb=4096)
+    z = np.zeros((4, 24), np.int32)
+    r.accumulate({"inputs": z, "targets": z, "loss_mask": np.ones((4, 24), np.float32)})
+    r.accumulate({"inputs": z, "targets": z, "loss_mask": np.ones((4, 24), np.float32)})
+    assert r._cache, "nothing was cached under a generous budget"
+
+
+def test_damaged_weight_store_is_refused_by_name(sharded_runs, tmp_path):
+    import shutil
+
+    from mobiletune.runtime.bundle import BundleError
+    from mobiletune.runtime.litert import BundleRunner
+    _, _, bundle, _ = sharded_runs("gpt2-lora")
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    p = bad / "weights.safetensors"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(BundleError, match="weights.safetensors"):
+        BundleRunner.open(bad)
+    with pytest.raises(BundleError, match="weights.safetensors.*truncated"):
+        BundleRunner.open(bad, verify=False)
