@@ -14,6 +14,7 @@ optimizer step (and one per pause / resume / stop event).
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import time
 from dataclasses import dataclass
@@ -174,6 +175,7 @@ def device_train(bundle, data_paths, out, steps: int | None = None, battery: str
             after = read()
             step += 1
             log.write({"step": step, "loss": loss, "tokens": tokens, "seconds": compute,
+                       "peak_rss_mb": round(peak_rss_mb(), 1),
                        "variant": k, "sleep": slept, "reason": decision.reason,
                        "energy_j": meter.step(reading, after), "time": clock.now(),
                        **_reading_fields(reading)})
@@ -185,6 +187,10 @@ def device_train(bundle, data_paths, out, steps: int | None = None, battery: str
     if finished:
         write_outputs(runner, out)
     return DeviceRun(step, finished, stopped_by, out)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _reading_fields(r) -> dict:

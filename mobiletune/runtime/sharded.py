@@ -103,7 +103,13 @@ class ShardedRunner:
         return out
 
     def get_state(self) -> dict[str, np.ndarray]:
-        return {k: np.array(v) for k, v in self._state_views().items()}
+        """Read-only views of the live state (no copy: a full fine-tune's state is 4× the
+        model); they change with the next step, so write them out before training on."""
+        out = {}
+        for k, v in self._state_views().items():
+            out[k] = v.view()
+            out[k].flags.writeable = False
+        return out
 
     def set_state(self, state: dict, zeros_for_missing: bool = False) -> None:
         views = self._state_views()
