@@ -28,6 +28,11 @@ def _key_str(k) -> str:
     return str(k)
 
 
+def leaf_path(path) -> str:
+    """An optax state leaf's tree path as a name, e.g. ``1/0/mu`` (for contract names)."""
+    return "/".join(_key_str(k) for k in path)
+
+
 class Program:
     def __init__(self, steps: Steps, trainable: dict, frozen: dict, seq_len: int):
         if steps.lcfg is not None and steps.lcfg.dropout > 0:
@@ -38,7 +43,7 @@ class Program:
         self.frozen_names = sorted(frozen)
         opt0 = steps.optimizer.init(trainable)
         paths, self.opt_treedef = jax.tree_util.tree_flatten_with_path(opt0)
-        self.opt_names = ["opt/" + "/".join(_key_str(k) for k in p) for p, _ in paths]
+        self.opt_names = ["opt/" + leaf_path(p) for p, _ in paths]
         if len(set(self.opt_names)) != len(self.opt_names):
             raise MobiletuneError("optimizer state has colliding leaf names")
         self._opt0 = [leaf for _, leaf in paths]

@@ -35,17 +35,11 @@ from mobiletune.errors import MobiletuneError
 from mobiletune.models import layers as L
 from mobiletune.models.layers import NEG_INF
 from mobiletune.optim import OptimConfig, decay_mask, make_optimizer
+from mobiletune.program import leaf_path
 from mobiletune.runtime.bundle import Signature, TensorSpec
 
 W, G, S = "w__", "g__", "s__"       # input/output name prefixes: weights, gradients, opt state
 NO_WINDOW = 1 << 30                  # "global" attention as a window no sequence reaches
-
-
-def _key_str(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
 
 
 class ShardedModel:
@@ -121,7 +115,7 @@ class ShardedModel:
         """(leaf name, shape) of the optimizer state for one chunk vector."""
         st = self.opt[which].init({"p": jnp.zeros((self.opt_chunk,), jnp.float32)})
         paths, _ = jax.tree_util.tree_flatten_with_path(st)
-        return [("/".join(_key_str(k) for k in p), tuple(v.shape)) for p, v in paths]
+        return [(leaf_path(p), tuple(v.shape)) for p, v in paths]
 
     # --- signature functions ------------------------------------------------------------
     def _lora(self):
@@ -183,7 +177,7 @@ class ShardedModel:
         opt = self.opt[which]
         st0 = opt.init({"p": p})
         paths, treedef = jax.tree_util.tree_flatten_with_path(st0)
-        names = ["/".join(_key_str(k) for k in path) for path, _ in paths]
+        names = [leaf_path(path) for path, _ in paths]
         state = jax.tree.unflatten(treedef, [leaves[n] for n in names])
         upd, new = opt.update({"p": g}, state, {"p": p})
         p2 = optax.apply_updates({"p": p}, upd)["p"]
@@ -278,7 +272,7 @@ def _leaf_dtype(sm: ShardedModel, which: str, name: str) -> str:
     st = sm.opt[which].init({"p": jnp.zeros((1,), jnp.float32)})
     paths, _ = jax.tree_util.tree_flatten_with_path(st)
     for p, v in paths:
-        if "/".join(_key_str(k) for k in p) == name:
+        if leaf_path(p) == name:
             return str(v.dtype)
     raise KeyError(name)
 

@@ -122,13 +122,10 @@ def _popen(bundle, data, out, resume):
                             stderr=subprocess.DEVNULL)
 
 
-def test_kill_nine_three_times_then_resume_equals_uninterrupted(setup, tmp_path):
-    root, _, _, bundle, data = setup
-    ref = tmp_path / "ref24"
-    device_train(bundle, [data], ref, steps=24, battery="none")
-    out = tmp_path / "killed"
-    rng = np.random.default_rng(7)
-    for i, at in enumerate(sorted(rng.choice(np.arange(3, 22), 3, replace=False))):
+def kill_at(bundle, data, out, steps_done) -> None:
+    """Start ``device train`` (24 steps, checkpoint every step) and kill -9 it once it
+    has logged each of ``steps_done`` steps, resuming in between."""
+    for i, at in enumerate(steps_done):
         p = _popen(bundle, data, out, resume=i > 0)
         deadline = time.time() + 120
         while time.time() < deadline and p.poll() is None:
@@ -139,6 +136,15 @@ def test_kill_nine_three_times_then_resume_equals_uninterrupted(setup, tmp_path)
         assert p.poll() is None, "finished before the kill"
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
+
+
+def test_kill_nine_three_times_then_resume_equals_uninterrupted(setup, tmp_path):
+    root, _, _, bundle, data = setup
+    ref = tmp_path / "ref24"
+    device_train(bundle, [data], ref, steps=24, battery="none")
+    out = tmp_path / "killed"
+    rng = np.random.default_rng(7)
+    kill_at(bundle, data, out, sorted(rng.choice(np.arange(3, 22), 3, replace=False)))
     r = device_train(bundle, [data], out, steps=24, battery="none", resume=True)
     assert r.finished
     a = st.load(ref / "state.safetensors")

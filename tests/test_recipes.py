@@ -16,9 +16,9 @@ from tests.tiny import tiny_gpt2_dir
 RECIPES = sorted(Path(__file__).parent.parent.glob("recipes/*.py"))
 
 
-def test_there_are_four_recipes():
+def test_the_recipes_are_all_here():
     assert {p.stem for p in RECIPES} == {"smollm2_shakespeare_lora", "gemma3_wordnet_lora",
-                                         "gpt2_full", "qwen25_lora"}
+                                         "gpt2_full", "gpt2_lora", "qwen25_lora"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)

@@ -339,8 +339,22 @@ class ShardedRunner:
         return max(counts) if counts else 0
 
     def infer(self, tokens, last: int) -> np.ndarray:
-        raise BundleError(f"{self.dir}: a sharded bundle has no infer signature; generate "
-                          f"with the desktop (`mobiletune generate --adapter`)")
+        """Next-token logits (V,) at position ``last``: the block chain with micro-batch 1,
+        then the head row by row on the host (one position: a matrix-vector product)."""
+        if 1 not in self.manifest.variants:
+            raise BundleError(f"{self.dir}: inference needs the micro-batch-1 variant; "
+                              f"export with --variants including 1")
+        t = np.zeros((1, self.manifest.seq_len), np.int32)
+        t[0, : len(tokens)] = tokens
+        _, hn, _ = self._forward({"inputs": t})
+        h = hn[0, last]
+        logits = np.empty(self.vocab, np.float32)
+        for c0, n, w, _ in self._head_chunks():
+            logits[c0:c0 + n] = w[:n] @ h
+        cap = self.manifest.model.get("final_logit_softcapping")
+        if cap is not None:
+            logits = np.tanh(logits / np.float32(cap)) * np.float32(cap)
+        return logits
 
 
 def open_sharded(bundle_dir, manifest: Manifest, interpreter, state=None,
