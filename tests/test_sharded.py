@@ -284,3 +284,23 @@ def test_kill_nine_then_resume_equals_uninterrupted(sharded_runs, tmp_path):
     a, b = st.load(ref / "state.safetensors"), st.load(out / "state.safetensors")
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert losses(ref / "metrics.jsonl") == losses(out / "metrics.jsonl")
+
+
+def test_tokens_outside_the_models_vocabulary_are_refused(tmp_path):
+    """A bundle whose tokenizer (GPT-2's, 50,257) outgrows the model (vocabulary 107):
+    one clear error before training, not an index error deep in a step."""
+    from mobiletune import assets
+    from mobiletune.errors import MobiletuneError
+    from mobiletune.runtime.device import prepare_data
+    from mobiletune.runtime.tokenizer import Tokenizer
+    cfg = ModelConfig.from_hf_config(TINY_HF["llama"])
+    params = models.init_params(cfg, jax.random.PRNGKey(0), as_numpy=True)
+    save_hf_dir(tmp_path / "m", cfg, params, tokenizer=preset_tokenizer("gpt2"))
+    export_sharded(tiny_recipe(tmp_path / "m", "lora"), tmp_path / "b", (2,), program=False)
+    data = tmp_path / "d.txt"
+    data.write_text(assets.read_text("botchan")[:3000], encoding="utf-8")
+
+    class Bundle:
+        manifest = read_manifest(tmp_path / "b")
+    with pytest.raises(MobiletuneError, match="outside the model's vocabulary of 107"):
+        prepare_data(Bundle, Tokenizer.from_dir(tmp_path / "b"), [data])

@@ -69,6 +69,12 @@ def prepare_data(runner: BundleRunner, tok: Tokenizer, data_paths) -> D.Dataset:
     prep = D.prepare([Path(p) for p in data_paths], tok, dcfg)
     for w in prep.warnings[:20]:
         print(f"data: {w}")
+    vocab = int(m.model["vocab_size"])
+    top = max((int(max(d.inputs.max(), d.targets.max())) for d in (prep.train, prep.val)
+               if d is not None and len(d)), default=-1)
+    if top >= vocab:
+        raise MobiletuneError(f"data: token id {top} from the bundle's tokenizer is outside the "
+                              f"model's vocabulary of {vocab} (tokenizer and model do not match)")
     if len(prep.train) < m.effective_batch:
         raise MobiletuneError(f"data: {len(prep.train)} examples, fewer than one optimizer step "
                               f"of {m.effective_batch}")
