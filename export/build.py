@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from mobiletune.runtime.bundle import (
     Manifest,
     file_entry,
 )
+from mobiletune.runtime.metrics import peak_rss_mb
 from mobiletune.trainer import build_steps
 
 # The monolithic converter's memory grows with the traced program: a 29.5M-param full
@@ -47,10 +47,6 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _check_size(recipe: Recipe, n_all: int, n_tr: int | None) -> None:

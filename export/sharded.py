@@ -25,6 +25,7 @@ from mobiletune.loading import load_model
 from mobiletune.recipe import Recipe
 from mobiletune.runtime import safetensors_io as st
 from mobiletune.runtime.bundle import MANIFEST, PROGRAM, STATE, Manifest, TensorSpec, file_entry
+from mobiletune.runtime.metrics import peak_rss_mb
 from mobiletune.runtime.sharded import STORE
 from mobiletune.sharded import ShardedModel, signature_meta
 
@@ -36,15 +37,16 @@ def state_specs(sm: ShardedModel) -> tuple[TensorSpec, ...]:
     for t in sm.trainable:
         out += [TensorSpec(f"trainable/{t}", tuple(sm.shapes[t]), "float32"),
                 TensorSpec(f"acc/{t}", tuple(sm.shapes[t]), "float32")]
+    leaves = {w: sm.opt_leaves(w) for w in sm.opt_kinds()}
     for g in sm.groups:
-        for n, shape, dtype in sm.layout("float32")["opt_leaves"][g["signature"][4:]]:
-            shape = (g["size"],) if tuple(shape) == (sm.opt_chunk,) else tuple(shape)
+        for n, shape, dtype in leaves[g["signature"][len("opt_"):]]:
+            shape = (g["size"],) if shape == (sm.opt_chunk,) else shape
             out.append(TensorSpec(f"opt/{g['name']}/{n}", shape, dtype))
     out += [TensorSpec("acc_nll", (), "float32"), TensorSpec("acc_count", (), "float32")]
     return tuple(sorted(out, key=lambda s: s.name))
 
 
-def write_files(recipe: Recipe, tmp: Path, variants, store_dtype: str,
+def write_files(recipe: Recipe, tmp: Path, store_dtype: str,
                 vocab_chunk: int = 4096) -> tuple[ShardedModel, dict, object]:
     """Load the model, write the weight store and the initial state into ``tmp``; returns
     (the sharded model, the file entries, the tokenizer). No TensorFlow involved."""
@@ -101,13 +103,13 @@ def export_sharded(recipe: Recipe, out, variants, store_dtype: str = "float32",
                    verify: bool = True, program: bool = True, vocab_chunk: int = 4096) -> dict:
     """Write a sharded bundle; ``program=False`` skips the LiteRT program (tests run the
     chain with ``mobiletune.sharded.JaxCalls`` instead). Returns a report."""
-    from export.build import check_variants, peak_rss_mb, verify_in_fresh_process
+    from export.build import check_variants, verify_in_fresh_process
     t0 = time.perf_counter()
     out = Path(out)
     variants = check_variants(recipe, variants)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    sm, files, tok = write_files(recipe, tmp, variants, store_dtype, vocab_chunk)
+    sm, files, tok = write_files(recipe, tmp, store_dtype, vocab_chunk)
     convert_s, program_bytes = 0.0, 0
     if program:
         from export.tflite import build_pure_module, convert

@@ -76,18 +76,14 @@ class ShardedModel:
             self.layers.append({"prefix": p, "kind": kind, "attn": self._attn(i)})
         self.kinds = {k: {"frozen": list(fr), "trainable": list(tr)}
                       for (fr, tr, _), k in kinds.items()}
-        in_layers = {p + r for p in prefixes for r in self._rel_all(p)}
-        self.outer = sorted(k for k in self.shapes if k not in in_layers)
-        self.norm_names = sorted(k for k in self.outer if k not in (self.head, self.embed_name)
+        outer = [k for k in self.shapes if not k.startswith(tuple(prefixes))]
+        self.norm_names = sorted(k for k in outer if k not in (self.head, self.embed_name)
                                  and "wpe" not in k)
         self.opt = {"decay": make_optimizer(dataclasses.replace(
                         optim, clip_norm=None, decay_norms_biases_embeddings=True)),
                     "nodecay": make_optimizer(dataclasses.replace(
                         optim, clip_norm=None, weight_decay=0.0))}
         self.groups = self._groups()
-
-    def _rel_all(self, p):
-        return [k[len(p):] for k in self.shapes if k.startswith(p)]
 
     def _attn(self, i):
         if self.cfg.family != "gemma3":
@@ -110,27 +106,28 @@ class ShardedModel:
                  "size": int(sum(np.prod(self.shapes[t]) for t in ts))}
                 for n, ts in sorted(out.items())]
 
+    def opt_kinds(self) -> list[str]:
+        """The optimizer signatures the groups use: ``decay`` and/or ``nodecay``."""
+        return sorted({g["signature"][len("opt_"):] for g in self.groups})
+
     # --- opt state layout -------------------------------------------------------------
-    def opt_leaves(self, which: str) -> list[tuple[str, tuple]]:
-        """(leaf name, shape) of the optimizer state for one chunk vector."""
+    def opt_leaves(self, which: str) -> list[tuple[str, tuple, str]]:
+        """(leaf name, shape, dtype) of the optimizer state for one chunk vector."""
         st = self.opt[which].init({"p": jnp.zeros((self.opt_chunk,), jnp.float32)})
         paths, _ = jax.tree_util.tree_flatten_with_path(st)
-        return [(leaf_path(p), tuple(v.shape)) for p, v in paths]
+        return [(leaf_path(p), tuple(v.shape), str(v.dtype)) for p, v in paths]
 
     # --- signature functions ------------------------------------------------------------
     def _lora(self):
         return None if self.lcfg is None else self.lcfg.ctx()
 
-    def _block(self, h, attn, w):
+    def block_fwd(self, h, attn, w):
         positions = jnp.arange(h.shape[1], dtype=jnp.int32)
         kw = {} if attn is None else {"attn": attn}
         return self.fam.block(w, self.cfg, 0, h, positions, None, self._lora(), **kw)[0]
 
-    def block_fwd(self, h, attn, w):
-        return self._block(h, attn, w)
-
     def block_bwd(self, h, dh, attn, w_frozen, w_train):
-        _, vjp = jax.vjp(lambda x, wt: self._block(x, attn, {**w_frozen, **wt}), h, w_train)
+        _, vjp = jax.vjp(lambda x, wt: self.block_fwd(x, attn, {**w_frozen, **wt}), h, w_train)
         return vjp(dh)                                             # (dh_in, {name: grad})
 
     def norm_fwd(self, h, w):
@@ -242,16 +239,15 @@ class ShardedModel:
                     kw["hn"], kw["w"], kw["col_valid"], kw["labels"], kw["lse"], kw["mask"])},
                     head_in + [TensorSpec("lse", (k, t), f32), TensorSpec("mask", (k, t), f32)])
         c = self.opt_chunk
-        for which in sorted({g["signature"][4:] for g in self.groups}):
+        for which in self.opt_kinds():
             leaves = self.opt_leaves(which)
 
             def upd(kw, which=which, leaves=leaves):
                 p, new = self.opt_update(which, kw["p"], kw["g"],
-                                         {n: kw[S + n] for n, _ in leaves})
+                                         {n: kw[S + n] for n, _, _ in leaves})
                 return {"p": p, **{S + n: v for n, v in new.items()}}
             out["opt_" + which] = (upd, [TensorSpec("p", (c,), f32), TensorSpec("g", (c,), f32),
-                                         *[TensorSpec(S + n, s, _leaf_dtype(self, which, n))
-                                           for n, s in leaves]])
+                                         *[TensorSpec(S + n, s, dt) for n, s, dt in leaves]])
         return out
 
     def layout(self, store_dtype: str) -> dict:
@@ -263,18 +259,8 @@ class ShardedModel:
                 "embed_scale": (self.cfg.hidden_size ** 0.5 if self.cfg.family == "gemma3"
                                 else None),
                 "clip_norm": self.optim.clip_norm, "groups": self.groups,
-                "opt_leaves": {w: [[n, list(s), _leaf_dtype(self, w, n)]
-                                   for n, s in self.opt_leaves(w)]
-                               for w in sorted({g["signature"][4:] for g in self.groups})}}
-
-
-def _leaf_dtype(sm: ShardedModel, which: str, name: str) -> str:
-    st = sm.opt[which].init({"p": jnp.zeros((1,), jnp.float32)})
-    paths, _ = jax.tree_util.tree_flatten_with_path(st)
-    for p, v in paths:
-        if leaf_path(p) == name:
-            return str(v.dtype)
-    raise KeyError(name)
+                "opt_leaves": {w: [[n, list(s), dt] for n, s, dt in self.opt_leaves(w)]
+                               for w in self.opt_kinds()}}
 
 
 def signature_meta(sm: ShardedModel, variants) -> list[Signature]:

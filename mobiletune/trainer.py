@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from mobiletune.loading import LoadedModel, load_model
 from mobiletune.optim import make_optimizer, schedule
 from mobiletune.recipe import Recipe
 from mobiletune.runtime import data as D
-from mobiletune.runtime.metrics import MetricsLog
+from mobiletune.runtime.metrics import MetricsLog, peak_rss_mb
 from mobiletune.runtime.progress import Progress
 from mobiletune.runtime.safetensors_io import write_text_atomic
 from mobiletune.step import Steps, step_key
@@ -54,10 +53,6 @@ def resolve_data(specs) -> list[Path]:
             p = Path(assets.text_path(s))
         out.extend(sorted(p.glob("*_gut.txt")) if p.is_dir() else [p])
     return out
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass

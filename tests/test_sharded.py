@@ -192,7 +192,7 @@ def test_memory_budget_caches_weights_and_changes_nothing(sharded_runs, tmp_path
     """With a budget the runner keeps widened layer weights between the passes (an LRU
     cache); the result is the same computation."""
     from mobiletune.runtime.litert import BundleRunner
-    from mobiletune.runtime.sharded import rss_mb
+    from mobiletune.runtime.metrics import rss_mb
     d, _, bundle, dev = sharded_runs("gpt2-lora")
     out = tmp_path / "budget"
     budget = rss_mb() + 1024  # this test process is large (pytest, JAX, TF): 1 GB headroom

@@ -47,7 +47,7 @@ def cmd_train(args) -> int:
                      checkpoint_every=args.checkpoint_every,
                      memory_budget_mb=args.memory_budget_mb)
     if r.finished:
-        from mobiletune.runtime.device import peak_rss_mb
+        from mobiletune.runtime.metrics import peak_rss_mb
         print(f"done: {r.step} steps; peak RSS {peak_rss_mb():.0f} MB; outputs in {r.out}")
     else:
         print(f"stopped at step {r.step} ({r.stopped_by}); checkpoint saved, continue with "

@@ -14,7 +14,6 @@ optimizer step (and one per pause / resume / stop event).
 from __future__ import annotations
 
 import json
-import resource
 import signal
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from mobiletune.runtime import scheduler as S
 from mobiletune.runtime.bundle import sha256_file
 from mobiletune.runtime.checkpoints import Checkpoints
 from mobiletune.runtime.litert import BundleRunner
-from mobiletune.runtime.metrics import MetricsLog
+from mobiletune.runtime.metrics import MetricsLog, peak_rss_mb
 from mobiletune.runtime.progress import Progress
 from mobiletune.runtime.tokenizer import Tokenizer
 
@@ -193,10 +192,6 @@ def device_train(bundle, data_paths, out, steps: int | None = None, battery: str
     if finished:
         write_outputs(runner, out)
     return DeviceRun(step, finished, stopped_by, out)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _reading_fields(r) -> dict:

@@ -27,10 +27,27 @@ from mobiletune.runtime.bundle import (
 )
 
 
+class LiteRTCalls:
+    """Signature name + numpy inputs -> numpy outputs, through one LiteRT interpreter."""
+
+    def __init__(self, interpreter):
+        self.it = interpreter
+        self._runners = {}
+
+    def __call__(self, name: str, inputs: dict) -> dict:
+        r = self._runners.get(name)
+        if r is None:
+            r = self._runners[name] = self.it.get_signature_runner(name)
+        try:
+            return r(**inputs)
+        except ValueError as e:
+            raise BundleError(f"signature {name!r}: {e}") from None
+
+
 class BundleRunner:
     def __init__(self, bundle_dir: Path, manifest: Manifest, interpreter):
         self.dir, self.manifest, self.it = bundle_dir, manifest, interpreter
-        self._runners = {}
+        self._run = LiteRTCalls(interpreter)
 
     @classmethod
     def open(cls, bundle_dir, threads: int | None = None, state: dict | None = None,
@@ -57,24 +74,17 @@ class BundleRunner:
                                   f"{sorted(have[sig.name]['inputs'])[:4]}..., the manifest says "
                                   f"{want[:4]}...")
         if m.sharded is not None:
-            from mobiletune.runtime.sharded import open_sharded
-            return open_sharded(d, m, it, state, memory_budget_mb)
-        r = cls(d, m, it)
-        if m.frozen:
-            r._run("set_frozen", {input_name(k): v for k, v in _load(d / BASE).items()})
+            from mobiletune.runtime.sharded import ShardedRunner
+            r = ShardedRunner(d, m, LiteRTCalls(it), memory_budget_mb)
+        else:
+            r = cls(d, m, it)
+            if m.frozen:
+                r._run("set_frozen", {input_name(k): v for k, v in _load(d / BASE).items()})
         if state is None:
             r.set_state(_load(d / STATE), zeros_for_missing=True)
         else:
             r.set_state(state)
         return r
-
-    def _run(self, name: str, inputs: dict) -> dict:
-        if name not in self._runners:
-            self._runners[name] = self.it.get_signature_runner(name)
-        try:
-            return self._runners[name](**inputs)
-        except ValueError as e:
-            raise BundleError(f"signature {name!r}: {e}") from None
 
     # --- state ------------------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:

@@ -5,9 +5,24 @@ events at N or later — are dropped: those steps are taken again."""
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 
 from mobiletune.runtime.safetensors_io import write_text_atomic
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (MB; Linux /proc, else the peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * (resource.getpagesize() / 2**20)
+    except OSError:
+        return peak_rss_mb()
 
 
 class MetricsLog:

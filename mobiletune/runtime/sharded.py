@@ -18,42 +18,16 @@ allows after the first micro-batch; without a budget nothing is cached.
 from __future__ import annotations
 
 import collections
-import resource
 from pathlib import Path
 
 import numpy as np
 
-from mobiletune.runtime import safetensors_io as st
-from mobiletune.runtime.bundle import STATE, BundleError, Manifest
+from mobiletune.runtime.bundle import BundleError, Manifest
+from mobiletune.runtime.metrics import rss_mb
 from mobiletune.runtime.weight_store import WeightStore
 
 W, G, S = "w__", "g__", "s__"
 STORE = "weights.safetensors"
-
-
-def rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * (resource.getpagesize() / 2**20)
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class LiteRTCalls:
-    """Signature name + numpy inputs -> numpy outputs, through one LiteRT interpreter."""
-
-    def __init__(self, interpreter):
-        self.it = interpreter
-        self._runners = {}
-
-    def __call__(self, name: str, inputs: dict) -> dict:
-        r = self._runners.get(name)
-        if r is None:
-            r = self._runners[name] = self.it.get_signature_runner(name)
-        try:
-            return r(**inputs)
-        except ValueError as e:
-            raise BundleError(f"signature {name!r}: {e}") from None
 
 
 class _Group:
@@ -80,7 +54,7 @@ class ShardedRunner:
         self.store = WeightStore(self.dir / STORE)
         self.shapes = {s.name[len("trainable/"):]: tuple(s.shape) for s in manifest.state
                        if s.name.startswith("trainable/")}
-        self.groups = [_Group(g, self.shapes, lay["opt_leaves"][g["signature"][4:]],
+        self.groups = [_Group(g, self.shapes, lay["opt_leaves"][g["signature"][len("opt_"):]],
                               lay["opt_chunk"]) for g in lay["groups"]]
         self.tensor = {t: g.views[t] for g in self.groups for t in g.views}
         self.grad = {t: g.acc_views[t] for g in self.groups for t in g.acc_views}
@@ -157,33 +131,34 @@ class ShardedRunner:
                      window=np.int32(window))
         return w
 
+    def _rows(self, name: str, ids) -> np.ndarray:
+        """rows[ids] of a 2-D tensor, from the trainable state or the store."""
+        return self.tensor[name][ids] if name in self.tensor else self.store.gather_rows(name, ids)
+
     def _embed(self, ids) -> np.ndarray:
-        name = self.lay["embed"]
-        if name in self.tensor:
-            h = self.tensor[name][ids]
-        else:
-            h = self.store.gather_rows(name, ids)
+        h = self._rows(self.lay["embed"], ids)
         if self.lay["positions"]:
-            h = h + self.weight(self.lay["positions"])[: ids.shape[1]][None]
+            h = h + self._rows(self.lay["positions"], np.arange(ids.shape[1]))[None]
         if self.lay["embed_scale"] is not None:
             h = h * np.float32(self.lay["embed_scale"])
-        return h.astype(np.float32)
+        return h.astype(np.float32, copy=False)
 
     def _head_chunks(self):
         """(row offset, rows, float32 (Vc, D) weights, col_valid) per vocabulary chunk."""
         name, vc = self.lay["head"], self.lay["vocab_chunk"]
         v, d = self.shapes.get(name) or self.store.shape(name)
         buf = np.zeros((vc, d), np.float32)
+        valid = np.ones(vc, np.float32)
         for c0 in range(0, v, vc):
             n = min(vc, v - c0)
             if name in self.tensor:
                 buf[:n] = self.tensor[name][c0:c0 + n]
             else:
                 self.store.get(name, c0, c0 + n, out=buf)
-            if n < vc:
+            if n < vc:  # the last, partial chunk
                 buf[n:] = 0
-            valid = np.zeros(vc, np.float32)
-            valid[:n] = 1
+                valid = np.zeros(vc, np.float32)
+                valid[:n] = 1
             yield c0, n, buf, valid
 
     # --- the chain ------------------------------------------------------------------------
@@ -217,10 +192,7 @@ class ShardedRunner:
                 tg += o["target_g"]
         t = None
         if grads:
-            head = self.lay["head"]
-            rows = np.clip(targets, 0, self.vocab - 1)
-            t = (self.tensor[head][rows] if head in self.tensor
-                 else self.store.gather_rows(head, rows))
+            t = self._rows(self.lay["head"], np.clip(targets, 0, self.vocab - 1))
             if self.manifest.model.get("final_logit_softcapping") is not None:
                 t = t * tg[..., None]
         return lse, tl, u, t
@@ -268,12 +240,11 @@ class ShardedRunner:
                 self.grad[prefix + key[len(G):]] += g
 
     # --- BundleRunner's interface ---------------------------------------------------------
-    def _check(self, batch) -> int:
+    def _check(self, batch) -> None:
         k = len(batch["inputs"])
         if k not in self.manifest.variants:
             raise BundleError(f"micro-batch {k} has no signatures; variants: "
                               f"{list(self.manifest.variants)}")
-        return k
 
     def accumulate(self, batch: dict) -> tuple[float, float]:
         self._check(batch)
@@ -311,7 +282,7 @@ class ShardedRunner:
         return loss, step
 
     def _opt_group(self, g: _Group, c: int) -> int:
-        vec = {n for n, a in g.opt.items() if a.shape == (g.size,) and a.ndim == 1}
+        vec = {n for n, a in g.opt.items() if a.ndim == 1}  # the rest are scalars (count)
         scalars_before = {n: a.copy() for n, a in g.opt.items() if n not in vec}
         new_scalars = None
         pad = np.zeros(c, np.float32)
@@ -356,16 +327,3 @@ class ShardedRunner:
             logits = np.tanh(logits / np.float32(cap)) * np.float32(cap)
         return logits
 
-
-def open_sharded(bundle_dir, manifest: Manifest, interpreter, state=None,
-                 memory_budget_mb=None) -> ShardedRunner:
-    r = ShardedRunner(bundle_dir, manifest, LiteRTCalls(interpreter), memory_budget_mb)
-    if state is None:
-        try:
-            init = st.load(Path(bundle_dir) / STATE, mmap=False)
-        except st.SafetensorsError as e:
-            raise BundleError(str(e)) from None
-        r.set_state(init, zeros_for_missing=True)
-    else:
-        r.set_state(state)
-    return r
