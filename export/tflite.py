@@ -31,6 +31,7 @@ from mobiletune.runtime.bundle import (  # noqa: E402
     Signature,
     TensorSpec,
     input_name,
+    signature_shape,
     train_signatures,
 )
 
@@ -39,6 +40,21 @@ _DT = {"float32": tf.float32, "int32": tf.int32}
 
 class ExportError(MobiletuneError):
     pass
+
+
+def _tf_spec(s: TensorSpec, name: str | None = None) -> tf.TensorSpec:
+    """The program's input spec for a contract tensor: scalars travel as (1,)."""
+    return tf.TensorSpec(signature_shape(s.shape), _DT[s.dtype], name=name or s.name)
+
+
+def _boundary(s: TensorSpec, name: str | None = None) -> TensorSpec:
+    """The manifest's record of that input (its name and boundary shape)."""
+    return TensorSpec(name or s.name, signature_shape(s.shape), s.dtype)
+
+
+def _inside(x, shape):
+    """A boundary input back in its logical shape (a (1,) scalar -> 0-d)."""
+    return tf.reshape(x, []) if tuple(shape) == () else x
 
 
 def build_module(program, frozen_specs, variants):
@@ -66,10 +82,11 @@ def _build_module(program, frozen_specs, variants):
 
     def add(name, jax_fn, in_specs, updates_state):
         conv = jax2tf.convert(jax_fn, with_gradient=False)
-        spec = {s.name: tf.TensorSpec(s.shape, _DT[s.dtype], name=s.name) for s in in_specs}
+        spec = {s.name: _tf_spec(s) for s in in_specs}
 
         def body(args):
-            upd, out = conv(read(m.state), read(m.frozen), *[args[s.name] for s in in_specs])
+            upd, out = conv(read(m.state), read(m.frozen),
+                            *[_inside(args[s.name], s.shape) for s in in_specs])
             if updates_state:
                 assign(upd)
             return out
@@ -77,7 +94,7 @@ def _build_module(program, frozen_specs, variants):
         f = tf.function(body, input_signature=[spec], autograph=False)
         sigs[name] = f.get_concrete_function()
         outs = sigs[name].structured_outputs
-        meta.append(Signature(name, tuple(in_specs), tuple(
+        meta.append(Signature(name, tuple(_boundary(s) for s in in_specs), tuple(
             TensorSpec(k, tuple(v.shape), v.dtype.name) for k, v in sorted(outs.items()))))
 
     for k in variants:
@@ -96,11 +113,11 @@ def _build_module(program, frozen_specs, variants):
         if not specs:
             continue
         vs = m.state if group == "set_state" else m.frozen
-        in_spec = {s.name: tf.TensorSpec(s.shape, _DT[s.dtype], name=input_name(s.name)) for s in specs}
+        in_spec = {s.name: _tf_spec(s, input_name(s.name)) for s in specs}
 
         f = tf.function(_setter(vs), input_signature=[in_spec], autograph=False)
         sigs[group] = f.get_concrete_function()
-        meta.append(Signature(group, tuple(TensorSpec(input_name(s.name), s.shape, s.dtype) for s in specs),
+        meta.append(Signature(group, tuple(_boundary(s, input_name(s.name)) for s in specs),
                               (TensorSpec("ok", (), "int32"),)))
     return m, sigs, meta
 
@@ -120,16 +137,16 @@ def build_pure_module(table: dict):
 def _pure_signature(fn, specs):
     names = [s.name for s in specs]
     conv = jax2tf.convert(lambda *a: fn(dict(zip(names, a))), with_gradient=False)
-    spec = {s.name: tf.TensorSpec(s.shape, _DT[s.dtype], name=s.name) for s in specs}
-    f = tf.function(lambda args: conv(*[args[n] for n in names]), input_signature=[spec],
-                    autograph=False)
+    spec = {s.name: _tf_spec(s) for s in specs}
+    f = tf.function(lambda args: conv(*[_inside(args[s.name], s.shape) for s in specs]),
+                    input_signature=[spec], autograph=False)
     return f.get_concrete_function()
 
 
 def _setter(vs):
     def setter(args):
         for n, v in vs.items():
-            v.assign(args[n])
+            v.assign(_inside(args[n], v.shape))
         return {"ok": tf.constant(1, tf.int32)}
     return setter
 

@@ -36,7 +36,7 @@ from mobiletune.models import layers as L
 from mobiletune.models.layers import NEG_INF
 from mobiletune.optim import OptimConfig, decay_mask, make_optimizer
 from mobiletune.program import leaf_path
-from mobiletune.runtime.bundle import Signature, TensorSpec
+from mobiletune.runtime.bundle import Signature, TensorSpec, signature_shape
 
 W, G, S = "w__", "g__", "s__"       # input/output name prefixes: weights, gradients, opt state
 NO_WINDOW = 1 << 30                  # "global" attention as a window no sequence reaches
@@ -269,7 +269,8 @@ def signature_meta(sm: ShardedModel, variants) -> list[Signature]:
     for name, (fn, specs) in sm.signatures(variants).items():
         args = {s.name: jax.ShapeDtypeStruct(s.shape, s.dtype) for s in specs}
         res = jax.eval_shape(fn, args)
-        out.append(Signature(name, tuple(specs), tuple(
+        inputs = tuple(TensorSpec(s.name, signature_shape(s.shape), s.dtype) for s in specs)
+        out.append(Signature(name, inputs, tuple(
             TensorSpec(k, tuple(v.shape), str(v.dtype)) for k, v in sorted(res.items()))))
     return out
 

@@ -36,5 +36,10 @@ mt ppl --model smollm2-135m --adapter "$OUT/phone/adapter" --text shakespeare:ha
    --seq-len 512 --max-windows 2 | tail -1 > "$OUT/ppl_phone.txt"
 echo "Hamlet perplexity before: $(cat "$OUT/ppl_before.txt")   with the phone-trained adapter (30 steps on Macbeth): $(cat "$OUT/ppl_phone.txt")"
 
-echo "== 5. GGUF -> Hugging Face directory =="
+echo "== 5. The phone kit (aarch64 wheels + setup.sh, installs offline) and the device check =="
+mt device doctor "$OUT/smollm2-bundle" --battery none
+mt device kit "$OUT/smollm2-bundle" --out "$OUT/phone-kit" --python 3.11
+echo "copy $OUT/phone-kit.tar.gz to the phone; README: On an Android phone"
+
+echo "== 6. GGUF -> Hugging Face directory =="
 mt convert --gguf smollm2-135m --out "$OUT/smollm2-135m-hf"

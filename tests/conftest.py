@@ -7,6 +7,7 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real-weight tests (minutes); run in CI")
+    config.addinivalue_line("markers", "arm64: the phone side under arm64 emulation (root)")
 
 
 def require_asset(finder, name):

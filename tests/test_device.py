@@ -197,3 +197,25 @@ def test_fresh_venv_with_only_the_runtime_extra(setup, tmp_path):
                        cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_doctor_checks_a_bundle_and_this_device(setup, tmp_path):
+    root, _, _, bundle, _ = setup
+    doc = [sys.executable, "-m", "mobiletune.runtime", "doctor"]
+    r = subprocess.run(doc + [str(bundle), "--battery", "none"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for fact in ("architecture:", "cores:", "MemAvailable:", "LiteRT:", "battery:",
+                 "storage free beside the bundle:", "XNNPACK:", "predicted step:",
+                 "predicted peak RSS:"):
+        assert fact in r.stdout, fact
+    assert "XNNPACK:" in r.stdout and "active" in r.stdout
+    assert r.stdout.strip().endswith("ok: no problems found")
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    (broken / "program.tflite").write_bytes(b"not a program")
+    r = subprocess.run(doc + [str(broken), "--battery", "none"], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    problems = [x for x in r.stdout.splitlines() if x.startswith("problem:")]
+    assert len(problems) == 1 and "program.tflite" in problems[0], r.stdout
+    r = subprocess.run(doc + ["--battery", "trace:/nonexistent.csv"], capture_output=True, text=True)
+    assert r.returncode == 1 and "problem: battery: trace /nonexistent.csv" in r.stdout, r.stdout

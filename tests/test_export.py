@@ -166,6 +166,16 @@ def test_bad_bundles_give_clear_errors(bundles, tmp_path):
     (d / "manifest.json").write_text(json.dumps({**man, "schema_version": 99}))
     with pytest.raises(BundleError, match="schema_version 99 is newer"):
         BundleRunner.open(d)
+    (d / "manifest.json").write_text(json.dumps({**man, "schema_version": 2}))
+    with pytest.raises(BundleError, match=r"schema_version 2 bundles pass scalars as 0-d .*"
+                                          r"re-export it .*mobiletune export"):
+        BundleRunner.open(d)
+    sigs = [{**g, "inputs": [{**x, "shape": []} if x["name"] == "last" else x
+                             for x in g["inputs"]]} if g["name"] == "infer"
+            else g for g in man["signatures"]]
+    (d / "manifest.json").write_text(json.dumps({**man, "signatures": sigs}))
+    with pytest.raises(BundleError, match="signature 'infer' input 'last' is 0-d"):
+        BundleRunner.open(d)
     (d / "manifest.json").write_text(json.dumps(man))
     prog = (d / "program.tflite").read_bytes()
     (d / "program.tflite").write_bytes(prog[:-1] + bytes([prog[-1] ^ 1]))
@@ -181,6 +191,24 @@ def test_bad_bundles_give_clear_errors(bundles, tmp_path):
     (d / "manifest.json").write_text(json.dumps({**man, "signatures": sigs}))
     with pytest.raises(BundleError, match="signature 'train_step_b16' named in the manifest is missing"):
         BundleRunner.open(d)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_no_signature_input_is_0d(bundles, mode):
+    """Scalars travel as (1,) (ai-edge-litert 2.3.0 segfaults resizing 0-d inputs on arm64):
+    in the manifest and in the program LiteRT loads; the state keeps its 0-d scalars."""
+    from ai_edge_litert.interpreter import Interpreter
+    _, bundle = bundles("gemma3", mode)
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["schema_version"] >= 3
+    assert all(x["shape"] for g in m["signatures"] for x in g["inputs"])
+    assert [x["shape"] for g in m["signatures"] if g["name"] == "infer"
+            for x in g["inputs"] if x["name"] == "last"] == [[1]]
+    assert {x["name"]: x["shape"] for x in m["state"]}["acc_count"] == []
+    it = Interpreter(model_path=str(bundle / "program.tflite"))
+    for name in it.get_signature_list():
+        for key, d in it.get_signature_runner(name).get_input_details().items():
+            assert len(d["shape"]) >= 1, (name, key)
 
 
 def test_loading_side_imports_no_jax_or_tensorflow(bundles):

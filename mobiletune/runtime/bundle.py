@@ -35,6 +35,22 @@ memory-mapped by the phone), and ``state`` names ``trainable/…``, ``acc/…``,
 frozen and trainable tensor names, the embedding / norm / head names, the vocabulary and
 optimizer chunk sizes, the optimizer groups and their state leaves, and ``clip_norm``.
 
+Scalars never cross a signature boundary as 0-d tensors (schema 3). A scalar input
+(``infer``'s ``last``, the optimizer step ``count``, ``acc_nll``/``acc_count`` in
+``set_state``, the sharded block's ``rope_theta``/``rope_factor``/``window``) is declared
+with shape ``(1,)`` in the program and reshaped to ``()`` inside it; the state itself keeps
+its logical shapes (``state`` specs, ``state.safetensors`` and checkpoints hold 0-d
+tensors), and the runner widens a 0-d value to ``(1,)`` when it calls a signature. Why:
+every call through LiteRT's Python ``SignatureRunner`` resizes each input to the given
+array's shape, and ai-edge-litert 2.3.0's aarch64 build of
+``InterpreterWrapper::ResizeInputTensor`` fills a 0-length shape vector with
+``memset(p + 4, 0, 4·n - 4)``, i.e. ~2^64 bytes for n = 0: a segfault on every arm64 phone,
+while the x86-64 build happens to tolerate it. A contract that holds on one architecture's
+build only is no contract, so no shape in it is 0-d at a boundary
+(``signature_shape``), the manifest is refused if one is (``Manifest.from_dict``), and the
+runner refuses a program that declares one. Bundles of schema 1 and 2 had 0-d inputs: they
+are refused with the command that re-exports them.
+
 This module imports only the standard library (it runs on the phone and in the exporter).
 """
 
@@ -47,7 +63,9 @@ from pathlib import Path
 
 from mobiletune.errors import MobiletuneError
 
-SCHEMA_VERSION = 2    # 2: the optional ``sharded`` section (version-1 bundles still load)
+SCHEMA_VERSION = 3    # 2: the optional ``sharded`` section; 3: no 0-d signature inputs
+OLDEST_SCHEMA = 3     # 1 and 2 pass scalars as 0-d inputs, which crash LiteRT on arm64
+REEXPORT = "mobiletune export RECIPE.py --out BUNDLE [--sharded]"
 FORMAT = "mobiletune-training-bundle"
 MANIFEST = "manifest.json"
 PROGRAM = "program.tflite"
@@ -124,8 +142,12 @@ class Manifest:
                               f"understands ({SCHEMA_VERSION}); upgrade mobiletune on this device")
         if v < 1:
             raise BundleError(f"{source}: invalid schema_version {v!r}")
+        if v < OLDEST_SCHEMA:
+            raise BundleError(f"{source}: schema_version {v} bundles pass scalars as 0-d signature "
+                              f"inputs, which crash ai-edge-litert 2.3.0 on arm64 (every phone); "
+                              f"re-export it with this mobiletune: {REEXPORT}")
         try:
-            return cls(
+            m = cls(
                 model=d["model"], lora=d["lora"], optim=d["optim"], data=d["data"],
                 recipe=d["recipe"], seq_len=int(d["seq_len"]), variants=tuple(d["variants"]),
                 effective_batch=int(d["effective_batch"]),
@@ -137,6 +159,22 @@ class Manifest:
                 extra=d.get("extra", {}))
         except KeyError as e:
             raise BundleError(f"{source}: missing key {e.args[0]!r}") from None
+        m.check_no_scalar_inputs(source)
+        return m
+
+    def check_no_scalar_inputs(self, source: str = "manifest") -> None:
+        for sig in self.signatures:
+            for s in sig.inputs:
+                if tuple(s.shape) == ():
+                    raise BundleError(f"{source}: signature {sig.name!r} input {s.name!r} is 0-d; "
+                                      f"scalars must travel as shape (1,) (see the bundle "
+                                      f"contract); re-export: {REEXPORT}")
+
+
+def signature_shape(shape) -> tuple[int, ...]:
+    """The shape a tensor of logical ``shape`` has at a signature boundary: a scalar
+    travels as ``(1,)`` (see the module docstring), anything else as it is."""
+    return tuple(shape) or (1,)
 
 
 def input_name(name: str) -> str:

@@ -37,6 +37,30 @@ def build_parser(prog: str = "python -m mobiletune.runtime") -> argparse.Argumen
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("doctor", help="check this device (and a bundle): architecture, memory, "
+                                      "storage, battery, LiteRT, one timed micro-step",
+                       description="Print what this device offers and, given a bundle, whether "
+                                   "it can train it: one 'problem: ...' line per problem, exit "
+                                   "status 1 if there is any.")
+    p.add_argument("bundle", nargs="?", help="a bundle directory to check (optional)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--battery", default="auto", help="battery source to check (default auto)")
+    p.set_defaults(func=cmd_doctor)
+    p = sub.add_parser("kit", help="(desktop) pack a bundle, a wheel of this mobiletune and the "
+                                   "aarch64 wheels of the runtime into an offline phone kit",
+                       description="Write KIT/ and KIT.tar.gz: the bundle, wheels for aarch64 "
+                                   "glibc Linux (Debian/Ubuntu under Termux's proot-distro; not "
+                                   "Termux's own Python) and setup.sh, which installs them with no "
+                                   "network. Needs pip and the package registry on this machine.")
+    p.add_argument("bundle")
+    p.add_argument("--out", required=True, help="kit directory to write (and OUT.tar.gz)")
+    p.add_argument("--python", default="3.11,3.12,3.13",
+                   help="CPython versions of the phone's userland (default 3.11,3.12,3.13: "
+                        "Debian 12, Ubuntu 24.04, Debian 13)")
+    p.add_argument("--wheel", help="a mobiletune wheel to use instead of building one from "
+                                   "this source checkout")
+    p.add_argument("--no-tar", action="store_true", help="skip the .tar.gz")
+    p.set_defaults(func=cmd_kit)
     return ap
 
 
@@ -61,6 +85,22 @@ def cmd_generate(args) -> int:
                                 args.threads)
     print(text)
     print(f"[{tps:.1f} tokens/s, prefix recomputed per token]", file=sys.stderr)
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from mobiletune.runtime.doctor import doctor
+    return doctor(args.bundle, threads=args.threads, battery=args.battery)
+
+
+def cmd_kit(args) -> int:
+    from mobiletune.runtime.kit import build_kit, parse_pythons
+    info = build_kit(args.bundle, args.out, parse_pythons(args.python), wheel=args.wheel,
+                     tar=not args.no_tar, log=lambda s: print(s, file=sys.stderr))
+    print(f"kit {args.out}: {info['bytes']:,} bytes, {len(info['wheels'])} wheels for Python "
+          f"{', '.join(info['pythons'])}"
+          + (f"; {args.out}.tar.gz {info['archive_bytes']:,} bytes" if "archive_bytes" in info
+             else ""))
     return 0
 
 

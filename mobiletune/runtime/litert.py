@@ -17,6 +17,7 @@ from mobiletune.runtime import safetensors_io as st
 from mobiletune.runtime.bundle import (
     BASE,
     PROGRAM,
+    REEXPORT,
     STATE,
     BundleError,
     Manifest,
@@ -28,18 +29,33 @@ from mobiletune.runtime.bundle import (
 
 
 class LiteRTCalls:
-    """Signature name + numpy inputs -> numpy outputs, through one LiteRT interpreter."""
+    """Signature name + numpy inputs -> numpy outputs, through one LiteRT interpreter.
 
-    def __init__(self, interpreter):
-        self.it = interpreter
+    Scalars travel as shape (1,) (the bundle contract): a 0-d value is widened here, and a
+    program that declares a 0-d input is refused before LiteRT is asked to resize it (that
+    resize segfaults ai-edge-litert 2.3.0 on arm64)."""
+
+    def __init__(self, interpreter, source: str = "program"):
+        self.it, self.source = interpreter, source
         self._runners = {}
 
-    def __call__(self, name: str, inputs: dict) -> dict:
+    def runner(self, name: str):
         r = self._runners.get(name)
         if r is None:
-            r = self._runners[name] = self.it.get_signature_runner(name)
+            r = self.it.get_signature_runner(name)
+            for key, d in r.get_input_details().items():
+                if len(d["shape"]) == 0:
+                    raise BundleError(f"{self.source}: signature {name!r} input {key!r} is 0-d; "
+                                      f"LiteRT 2.3.0 crashes resizing 0-d inputs on arm64, so "
+                                      f"scalars must travel as shape (1,); re-export: {REEXPORT}")
+            self._runners[name] = r
+        return r
+
+    def __call__(self, name: str, inputs: dict) -> dict:
+        r = self.runner(name)
+        args = {k: (np.reshape(v, (1,)) if np.ndim(v) == 0 else v) for k, v in inputs.items()}
         try:
-            return r(**inputs)
+            return r(**args)
         except ValueError as e:
             raise BundleError(f"signature {name!r}: {e}") from None
 
@@ -47,7 +63,7 @@ class LiteRTCalls:
 class BundleRunner:
     def __init__(self, bundle_dir: Path, manifest: Manifest, interpreter):
         self.dir, self.manifest, self.it = bundle_dir, manifest, interpreter
-        self._run = LiteRTCalls(interpreter)
+        self._run = LiteRTCalls(interpreter, str(bundle_dir / PROGRAM))
 
     @classmethod
     def open(cls, bundle_dir, threads: int | None = None, state: dict | None = None,
@@ -75,7 +91,7 @@ class BundleRunner:
                                   f"{want[:4]}...")
         if m.sharded is not None:
             from mobiletune.runtime.sharded import ShardedRunner
-            r = ShardedRunner(d, m, LiteRTCalls(it), memory_budget_mb)
+            r = ShardedRunner(d, m, LiteRTCalls(it, str(d / PROGRAM)), memory_budget_mb)
         else:
             r = cls(d, m, it)
             if m.frozen:

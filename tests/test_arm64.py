@@ -1,0 +1,253 @@
+"""The phone side on arm64: Debian bookworm arm64 under qemu-user (``tests/arm64env.py``),
+the runtime installed from an offline phone kit (``mobiletune device kit``) with the network
+absent, and monolithic and sharded bundles trained there exactly as on x86.
+
+Select alone with ``pytest -m arm64``. Needs root (apt, binfmt_misc, chroot); elsewhere it
+skips with the reason, and fails with it under CI=true.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from mobiletune.runtime import safetensors_io as st  # noqa: E402
+from tests.arm64env import Arm64Env, Unavailable  # noqa: E402
+from tests.tiny import tiny_dir_with_gpt2_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.arm64
+
+STEPS = 6
+KINDS = ("mono", "sharded")
+RECIPE = """
+from mobiletune.lora import LoraConfig
+from mobiletune.optim import OptimConfig
+from mobiletune.recipe import Recipe
+recipe = Recipe(name="arm64", model={model!r}, data=({data!r},), seq_len=16, micro_batch=2,
+                steps={steps}, lora=LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj")),
+                optim=OptimConfig(lr=1e-3, warmup_steps=0, clip_norm=1.0))
+"""
+VENV = "/work/venv/bin/python"   # inside the arm64 root
+
+
+@pytest.fixture(scope="session")
+def arm(tmp_path_factory):
+    from mobiletune import assets
+    work = tmp_path_factory.mktemp("arm64")
+    try:
+        return Arm64Env.ensure(assets.home() / "arm64", work,
+                               log=lambda s: print(s, file=sys.stderr))
+    except Unavailable as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"the arm64 environment is required under CI=true: {e}")
+        pytest.skip(f"arm64 environment unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def bundles(arm):
+    """Tiny Llama (GPT-2 tokenizer), a LoRA recipe, both kinds of bundle, exported here."""
+    from export.build import export_bundle
+    from export.sharded import export_sharded
+    from mobiletune import assets
+    from mobiletune.recipe import load_recipe
+    w = arm.work
+    model = tiny_dir_with_gpt2_tokenizer(w / "model", "llama")
+    (w / "data.txt").write_text(assets.read_text("botchan")[:12000], encoding="utf-8")
+    (w / "recipe.py").write_text(RECIPE.format(model=str(model), data=str(w / "data.txt"),
+                                               steps=STEPS))
+    recipe = load_recipe(w / "recipe.py")
+    export_bundle(recipe, w / "mono", variants=(1, 2))
+    export_sharded(recipe, w / "sharded", variants=(1, 2))
+    return {"mono": w / "mono", "sharded": w / "sharded", "model": model}
+
+
+@pytest.fixture(scope="session")
+def kit(arm, bundles):
+    """The monolithic bundle's phone kit, installed in the arm64 root with no network."""
+    from mobiletune.runtime.kit import build_kit
+    info = build_kit(bundles["mono"], arm.work / "kit", pythons=("3.11",), tar=True,
+                     log=lambda s: print(s, file=sys.stderr))
+    t0 = time.perf_counter()
+    r = arm.run(["/bin/sh", "/work/kit/setup.sh", "/work/venv"], network=False)
+    info["install_seconds"] = time.perf_counter() - t0
+    assert r.returncode == 0, r.stdout + r.stderr
+    info["setup_output"] = r.stdout
+    return info
+
+
+def arm_cmd(arm, args, **kw):
+    r = arm.run([VENV, "-m", "mobiletune.runtime", *args], **kw)
+    assert r.returncode == 0, f"arm64 {args[:1]}: rc {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
+    return r
+
+
+def x86_cmd(args):
+    r = subprocess.run([sys.executable, "-m", "mobiletune.runtime", *args], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, f"x86 {args[:1]}: rc {r.returncode}\n{r.stderr[-3000:]}"
+    return r
+
+
+def train_args(bundle, data, out, steps=STEPS, *extra):
+    return ["train", str(bundle), "--data", str(data), "--out", str(out), "--steps", str(steps),
+            "--battery", "none", "--checkpoint-every", "1", *extra]
+
+
+@pytest.fixture(scope="session")
+def runs(arm, bundles, kit):
+    """(x86 run dir, arm64 run dir) per kind, the same bundle and data."""
+    out = {}
+    for kind in KINDS:
+        x = arm.work / f"x86-{kind}"
+        x86_cmd(train_args(bundles[kind], arm.work / "data.txt", x))
+        arm_cmd(arm, train_args(arm.inside(bundles[kind]), "/work/data.txt", f"/work/arm-{kind}"))
+        out[kind] = (x, arm.work / f"arm-{kind}")
+    return out
+
+
+def losses(run) -> list[float]:
+    return [json.loads(s)["loss"] for s in (run / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in s]
+
+
+def test_kit_installs_offline(kit):
+    assert kit["pythons"] == ["3.11"]
+    assert any("aarch64" in w and "ai_edge_litert" in w for w in kit["wheels"]), kit["wheels"]
+    assert any(w.startswith("mobiletune-") for w in kit["wheels"])
+    assert "installed." in kit["setup_output"]
+
+
+def test_kit_setup_refuses_termux_and_other_architectures(arm, kit):
+    setup = arm.work / "kit" / "setup.sh"
+    assert (arm.work / "kit.tar.gz").stat().st_size == kit["archive_bytes"]
+    termux = subprocess.run(["sh", str(setup)], capture_output=True, text=True,
+                            env={**os.environ, "TERMUX_VERSION": "0.118.1"})
+    assert termux.returncode == 1 and "proot-distro" in termux.stderr, termux.stderr
+    here = subprocess.run(["sh", str(setup)], capture_output=True, text=True)
+    assert here.returncode == 1
+    assert "this kit carries aarch64 wheels; this machine is x86_64" in here.stderr, here.stderr
+
+
+def test_runtime_in_the_kit_imports_no_desktop_frameworks(arm, kit):
+    r = arm.run([VENV, "-c", "import sys, platform, mobiletune.runtime.device; "
+                             "print(platform.machine(), sorted(m for m in sys.modules if "
+                             "m.split('.')[0] in ('jax', 'tensorflow', 'torch', 'flax', 'optax')))"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["aarch64", "[]"], r.stdout
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_on_arm64_equals_x86(runs, kind):
+    x, a = runs[kind]
+    lx, la = losses(x), losses(a)
+    assert len(lx) == len(la) == STEPS
+    assert max(abs(p - q) for p, q in zip(lx, la)) <= 1e-5, (lx, la)
+    sx, sa = st.load(x / "state.safetensors"), st.load(a / "state.safetensors")
+    assert sx.keys() == sa.keys()
+    for k in sx:
+        np.testing.assert_allclose(sa[k], sx[k], rtol=0, atol=1e-5, err_msg=k)
+
+
+def _ppl(model, adapter, data) -> float:
+    r = subprocess.run([sys.executable, "-m", "mobiletune", "ppl", "--model", str(model),
+                        "--adapter", str(adapter), "--text", str(data), "--seq-len", "32",
+                        "--max-windows", "8"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return float(r.stdout.strip().splitlines()[-1].split()[0].split("=")[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_arm64_adapter_loads_on_the_desktop_with_the_same_perplexity(arm, bundles, runs, kind):
+    x, a = runs[kind]
+    assert (a / "adapter" / "adapter_config.json").is_file()
+    px = _ppl(bundles["model"], x / "adapter", arm.work / "data.txt")
+    pa = _ppl(bundles["model"], a / "adapter", arm.work / "data.txt")
+    assert abs(pa - px) <= 1e-5 * px, (px, pa)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_on_arm64_gives_the_x86_tokens(arm, bundles, runs, kind):
+    x, a = runs[kind]
+    args = ["--prompt", "The old sailor", "--max-new-tokens", "6"]
+    gx = x86_cmd(["generate", str(bundles[kind]), "--state", str(x), *args]).stdout
+    ga = arm_cmd(arm, ["generate", arm.inside(bundles[kind]), "--state", arm.inside(a), *args]).stdout
+    assert gx.strip() and ga == gx, (gx, ga)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kill9_and_resume_on_arm64_is_bit_identical(arm, bundles, runs, kind):
+    ref = runs[kind][1]
+    out = arm.work / f"arm-{kind}-kill9"
+    args = [VENV, "-m", "mobiletune.runtime",
+            *train_args(arm.inside(bundles[kind]), "/work/data.txt", arm.inside(out))]
+    with open(arm.work / f"kill9-{kind}.log", "wb") as log:
+        p = arm.popen(args, stdout=log)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and p.poll() is None:
+            if (out / "metrics.jsonl").exists() and len(losses(out)) >= 3:
+                break
+            time.sleep(0.2)
+        assert p.poll() is None, "the run ended before it could be killed"
+        os.kill(p.pid, signal.SIGKILL)
+        assert p.wait(timeout=60) == -signal.SIGKILL
+    assert not (out / "state.safetensors").exists()
+    r = arm.run(args + ["--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from step" in r.stdout
+    assert losses(out) == losses(ref)
+    a, b = st.load(ref / "state.safetensors"), st.load(out / "state.safetensors")
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+SCALAR_PROGRAM = """
+import sys
+import tensorflow as tf
+spec = {"x": tf.TensorSpec([], tf.float32, name="x"), "y": tf.TensorSpec([], tf.float32, name="y")}
+add = tf.function(lambda a: {"z": a["x"] + a["y"]}, input_signature=[spec], autograph=False)
+tf.saved_model.save(tf.Module(), sys.argv[1] + ".saved", signatures={"add": add.get_concrete_function()})
+c = tf.lite.TFLiteConverter.from_saved_model(sys.argv[1] + ".saved", signature_keys=["add"])
+c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+open(sys.argv[1], "wb").write(c.convert())
+"""
+RAW_CALL = ("import numpy as np; from ai_edge_litert.interpreter import Interpreter; "
+            "it = Interpreter(model_path={path!r}); "
+            "print(it.get_signature_runner('add')(x=np.float32(1), y=np.float32(2))['z'])")
+RUNNER_CALL = ("import numpy as np; from ai_edge_litert.interpreter import Interpreter; "
+               "from mobiletune.runtime.litert import LiteRTCalls; "
+               "from mobiletune.errors import MobiletuneError\n"
+               "try:\n    LiteRTCalls(Interpreter(model_path={path!r}), 'scalar.tflite')"
+               "('add', {{'x': np.float32(1), 'y': np.float32(2)}})\n"
+               "except MobiletuneError as e:\n    print('refused:', e)")
+
+
+def test_litert_230_scalar_input_crash_is_reproduced_and_refused(arm, kit):
+    """The unmodified wheel segfaults on a 0-d signature input on arm64 (x86 tolerates it);
+    the project's runner refuses such a program with a clear error instead."""
+    prog = arm.work / "scalar.tflite"
+    r = subprocess.run([sys.executable, "-c", SCALAR_PROGRAM, str(prog)], capture_output=True,
+                       text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    x86 = subprocess.run([sys.executable, "-c", RAW_CALL.format(path=str(prog))],
+                         capture_output=True, text=True)
+    assert x86.returncode == 0 and x86.stdout.strip() == "3.0", x86.stderr
+    raw = arm.run([VENV, "-c", RAW_CALL.format(path=arm.inside(prog))])
+    assert raw.returncode == -signal.SIGSEGV, (raw.returncode, raw.stdout, raw.stderr[-500:])
+    ours = arm.run([VENV, "-c", RUNNER_CALL.format(path=arm.inside(prog))])
+    assert ours.returncode == 0, ours.stderr[-1000:]
+    assert "refused:" in ours.stdout and "'x' is 0-d" in ours.stdout, ours.stdout
+
+
+def test_doctor_on_arm64(arm, bundles, kit):
+    r = arm.run([VENV, "-m", "mobiletune.runtime", "doctor", arm.inside(bundles["sharded"]),
+                 "--battery", "none"])
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    assert "aarch64" in r.stdout and "XNNPACK:" in r.stdout and "predicted step" in r.stdout
+    assert "ok: no problems found" in r.stdout
