@@ -36,11 +36,11 @@ def time_jax(spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from mobiletune.loading import load_model
-    from mobiletune.lora import LoraConfig
-    from mobiletune.optim import OptimConfig
-    from mobiletune.recipe import Recipe
-    from mobiletune.trainer import build_steps
+    from mobiletune.formats.loading import load_model
+    from mobiletune.models.lora import LoraConfig
+    from mobiletune.train.optim import OptimConfig
+    from mobiletune.train.recipe import Recipe
+    from mobiletune.train.trainer import build_steps
     b, t, lo = spec["batch"], spec["seq"], spec["lora"]
     lora = None if lo is None else LoraConfig(r=lo["r"], alpha=lo["alpha"],
                                               target_modules=_tuple(lo["targets"]))
@@ -72,7 +72,7 @@ def torch_model(spec: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mobiletune.loading import resolve_model_path
+    from mobiletune.formats.loading import resolve_model_path
     if spec.startswith("preset:"):
         from mobiletune.models.config import preset
         hf = preset(spec.split(":", 1)[1]).to_hf_dict()

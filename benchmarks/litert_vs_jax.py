@@ -24,9 +24,9 @@ from pathlib import Path
 WORKLOADS = {"lora": dict(lora=True, b=4, t=128), "full": dict(lora=False, b=4, t=64)}
 
 RECIPE = """
-from mobiletune.recipe import Recipe
-from mobiletune.lora import LoraConfig
-from mobiletune.optim import OptimConfig
+from mobiletune.train.recipe import Recipe
+from mobiletune.models.lora import LoraConfig
+from mobiletune.train.optim import OptimConfig
 recipe = Recipe(name="bench", model={model!r}, data=("x",), seq_len={t}, micro_batch={b},
                 lora={lora}, optim=OptimConfig(lr=1e-4), loss_chunk={chunk})
 """
@@ -37,8 +37,8 @@ import numpy as np
 what, recipe_path, bundle, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 if what == "export":
-    from export.build import export_bundle
-    from mobiletune.recipe import load_recipe
+    from export.monolithic_bundle import export_bundle
+    from mobiletune.train.recipe import load_recipe
     rep = export_bundle(load_recipe(recipe_path), bundle, variants=(load_recipe(recipe_path).micro_batch,), verify=False)
     print(json.dumps({**rep, "peak_rss_mb": peak()})); sys.exit()
 times = []
@@ -52,10 +52,10 @@ if what == "litert":
         t0 = time.perf_counter(); r.train_step(batch); times.append(time.perf_counter() - t0)
 else:
     import jax, jax.numpy as jnp
-    from mobiletune.loading import load_model
-    from mobiletune.program import Program
-    from mobiletune.recipe import load_recipe
-    from mobiletune.trainer import build_steps
+    from mobiletune.formats.loading import load_model
+    from mobiletune.programs.monolithic import Program
+    from mobiletune.train.recipe import load_recipe
+    from mobiletune.train.trainer import build_steps
     rc = load_recipe(recipe_path)
     steps_, tr, fr = build_steps(rc, load_model(rc.model))
     prog = Program(steps_, tr, fr, rc.seq_len)
@@ -81,7 +81,7 @@ def child(*args):
 
 
 def scheduler_cost_us(n=20000) -> float:
-    from mobiletune.runtime.scheduler import Reading, Thresholds, decide
+    from mobiletune.runtime.energy.scheduler import Reading, Thresholds, decide
     th, d = Thresholds(), None
     t0 = time.perf_counter()
     for i in range(n):

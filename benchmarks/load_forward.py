@@ -26,7 +26,7 @@ toks = np.random.default_rng(0).integers(100, 1000, (1, n_tok)).astype(np.int32)
 t0 = time.perf_counter()
 if system == "mobiletune":
     import jax, jax.numpy as jnp
-    from mobiletune.loading import load_model
+    from mobiletune.formats.loading import load_model
     from mobiletune import models
     m = load_model(model)
     params = {k: jnp.asarray(v) for k, v in m.params.items()}
@@ -38,7 +38,7 @@ else:
     import torch
     torch.set_num_threads(threads)
     from transformers import AutoModelForCausalLM
-    from mobiletune.loading import resolve_model_path
+    from mobiletune.formats.loading import resolve_model_path
     p = resolve_model_path(model)
     tm = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
     load_s = time.perf_counter() - t0

@@ -83,9 +83,7 @@ QUICK = {w.name: w for w in (
 )}
 QUICK_DEFAULT = tuple(QUICK)
 
-RECIPE = '''from mobiletune.lora import LoraConfig
-from mobiletune.optim import OptimConfig
-from mobiletune.recipe import Recipe
+RECIPE = '''from mobiletune.train.recipe import LoraConfig, OptimConfig, Recipe
 
 recipe = Recipe(name={name!r}, model={model!r}, data=("shakespeare:macbeth",), seq_len={seq},
                 micro_batch={batch}, steps={steps}, lora={lora}, optim=OptimConfig(lr=1e-4))
@@ -114,7 +112,7 @@ def matmul_peak_gflops(threads: int) -> float:
 def flops_per_token(model: str, is_lora: bool) -> float | None:
     """Model FLOPs per trained token (see the module docstring), or None if the config
     cannot be read without loading the model."""
-    from mobiletune.loading import peek_config
+    from mobiletune.formats.loading import peek_config
     from mobiletune.models import param_shapes
     from mobiletune.models.config import PRESETS, preset
     cfg = peek_config(model) or (preset(model) if model in PRESETS else None)
@@ -243,7 +241,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="mobiletune-bench-") as tmp:
         tmp = Path(tmp)
         data = tmp / "macbeth.txt"
-        from mobiletune.loading import read_text
+        from mobiletune.formats.loading import read_text
         data.write_text(read_text("shakespeare:macbeth"), encoding="utf-8")
         tiny = None
         for name in names:

@@ -31,8 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-verify", action="store_true", help="skip the fresh-process check")
     args = ap.parse_args(argv)
     try:
-        from export.build import export_bundle, report_lines
-        from mobiletune.recipe import apply_overrides, load_recipe
+        from export.monolithic_bundle import export_bundle, report_lines
+        from mobiletune.train.recipe import apply_overrides, load_recipe
         recipe = apply_overrides(load_recipe(args.recipe), args.set)
         if args.variants:
             try:
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         else:
             variants = [v for v in range(1, recipe.micro_batch + 1) if recipe.batch_size % v == 0]
         if args.sharded:
-            from export.sharded import export_sharded
+            from export.sharded_bundle import export_sharded
             rep = export_sharded(recipe, args.out, variants, args.store_dtype,
                                  verify=not args.no_verify)
         elif args.store_dtype != "float32":

@@ -1,4 +1,4 @@
-"""Trace a ``mobiletune.program.Program`` into a builtin-ops-only LiteRT program.
+"""Trace a ``mobiletune.programs.monolithic.Program`` into a builtin-ops-only LiteRT program.
 
 Route (see shared notes/litert-export.md): ``jax2tf.convert`` (native StableHLO) inside a
 ``tf.Module`` whose ``tf.Variable``s hold the state → SavedModel with one signature per

@@ -90,11 +90,11 @@ def _load(args):
     """(model with jnp params, LoRA context or None)."""
     import jax.numpy as jnp
 
-    from mobiletune.loading import load_model
+    from mobiletune.formats.loading import load_model
     m = load_model(args.model)
     lctx = None
     if getattr(args, "adapter", None):
-        from mobiletune.checkpoints.peft import load_adapter
+        from mobiletune.formats.peft import load_adapter
         lcfg, adapter = load_adapter(args.adapter, m.cfg)
         m.params.update(adapter)
         lctx = lcfg.ctx()
@@ -103,8 +103,8 @@ def _load(args):
 
 
 def cmd_ppl(args) -> int:
-    from mobiletune.evaluate import perplexity, ppl_windows
-    from mobiletune.loading import read_text
+    from mobiletune.formats.loading import read_text
+    from mobiletune.inference.perplexity import perplexity, ppl_windows
     from mobiletune.runtime.progress import Progress
     if args.seq_len < 2:
         raise MobiletuneError(f"--seq-len {args.seq_len}: must be at least 2")
@@ -124,7 +124,7 @@ def cmd_ppl(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from mobiletune.generate import generate
+    from mobiletune.inference.generate import generate
     m, lctx = _load(args)
     tok = m.tokenizer
     if args.chat:
@@ -147,9 +147,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from mobiletune.recipe import apply_overrides, load_recipe
+    from mobiletune.train.recipe import apply_overrides, load_recipe
     recipe = apply_overrides(load_recipe(args.recipe), args.set)
-    from mobiletune.trainer import train
+    from mobiletune.train.trainer import train
     out = args.out or f"out/{recipe.name}"
     s = train(recipe, out, resume=args.resume)
     first = s.get("first_val_ppl")
@@ -178,8 +178,8 @@ PASS_THROUGH = {"export": cmd_export, "device": cmd_device}  # they parse their 
 
 
 def cmd_convert(args) -> int:
-    from mobiletune.checkpoints.hf import save_hf_dir
-    from mobiletune.loading import load_model
+    from mobiletune.formats.hf import save_hf_dir
+    from mobiletune.formats.loading import load_model
     m = load_model(args.gguf)
     if not m.source.endswith(".gguf"):
         raise MobiletuneError(f"--gguf {args.gguf!r}: not a GGUF file")

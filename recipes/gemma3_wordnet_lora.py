@@ -4,9 +4,7 @@ Gemma's chat template, with the prompt masked out of the loss (train on the answ
     mobiletune train recipes/gemma3_wordnet_lora.py [--set steps=200]
 """
 
-from mobiletune.lora import LoraConfig
-from mobiletune.optim import OptimConfig
-from mobiletune.recipe import Recipe
+from mobiletune.train.recipe import LoraConfig, OptimConfig, Recipe
 
 recipe = Recipe(
     name="gemma3-wordnet-lora",

@@ -4,8 +4,7 @@ package, so it starts from a random init of the real shape unless you pass a che
     mobiletune train recipes/gpt2_full.py --set model=/path/to/gpt2-hf-dir
 """
 
-from mobiletune.optim import OptimConfig
-from mobiletune.recipe import Recipe
+from mobiletune.train.recipe import OptimConfig, Recipe
 
 recipe = Recipe(
     name="gpt2-full",

@@ -5,9 +5,7 @@ any package); export it sharded for the phone:
     mobiletune export recipes/gpt2_lora.py --out out/gpt2-lora.bundle --sharded
 """
 
-from mobiletune.lora import LoraConfig
-from mobiletune.optim import OptimConfig
-from mobiletune.recipe import Recipe
+from mobiletune.train.recipe import LoraConfig, OptimConfig, Recipe
 
 recipe = Recipe(
     name="gpt2-lora",

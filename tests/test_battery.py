@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from mobiletune.runtime import battery as B
-from mobiletune.runtime.scheduler import Reading
+from mobiletune.runtime.energy import battery as B
+from mobiletune.runtime.energy.scheduler import Reading
 
 
 def supply(root, name, **files):
@@ -257,7 +257,7 @@ def test_energy_meter_trapezoid_and_honest_none():
 
 # ---- the phone side's imports --------------------------------------------------------------
 def test_imports_only_stdlib_and_numpy():
-    code = ("import sys, mobiletune.runtime.scheduler, mobiletune.runtime.battery; "
+    code = ("import sys, mobiletune.runtime.energy.scheduler, mobiletune.runtime.energy.battery; "
             "bad = [m for m in sys.modules if m.split('.')[0] in "
             "('jax', 'jaxlib', 'flax', 'optax', 'tensorflow', 'torch', 'transformers')]; "
             "assert not bad, bad")

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from mobiletune import models
-from mobiletune.checkpoints.hf import check_params, load_hf_dir, save_hf_dir
 from mobiletune.cli import main
 from mobiletune.errors import CheckpointError
+from mobiletune.formats.hf import check_params, load_hf_dir, save_hf_dir
+from mobiletune.io import safetensors as st
 from mobiletune.models.config import ModelConfig
-from mobiletune.runtime import safetensors_io as st
 from tests.tiny import TINY_HF, state_dict_numpy, torch_logits, torch_model
 
 

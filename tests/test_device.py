@@ -16,14 +16,14 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from mobiletune.runtime import safetensors_io as st  # noqa: E402
-from mobiletune.runtime.device import device_train  # noqa: E402
+from mobiletune.io import safetensors as st  # noqa: E402
+from mobiletune.runtime.device_trainer import device_train  # noqa: E402
 from tests.tiny import tiny_gpt2_dir  # noqa: E402
 
 RECIPE = """
-from mobiletune.recipe import Recipe
-from mobiletune.lora import LoraConfig
-from mobiletune.optim import OptimConfig
+from mobiletune.train.recipe import Recipe
+from mobiletune.models.lora import LoraConfig
+from mobiletune.train.optim import OptimConfig
 recipe = Recipe(name="device", model={model!r}, data=({data!r},), seq_len=24, micro_batch=4,
                 accumulation=1, steps=8, val_fraction=0.1,
                 lora=LoraConfig(r=4, alpha=8, target_modules=("c_attn", "c_fc")),
@@ -33,9 +33,9 @@ recipe = Recipe(name="device", model={model!r}, data=({data!r},), seq_len=24, mi
 
 @pytest.fixture(scope="session")
 def setup(tmp_path_factory):
-    from export.build import export_bundle
+    from export.monolithic_bundle import export_bundle
     from mobiletune import assets
-    from mobiletune.recipe import load_recipe
+    from mobiletune.train.recipe import load_recipe
     root = tmp_path_factory.mktemp("device")
     model = tiny_gpt2_dir(root / "model")
     text = assets.read_text("botchan")[:20000]
@@ -62,7 +62,7 @@ def reference_run(setup):
 
 
 def test_device_equals_desktop(setup, reference_run):
-    from mobiletune.trainer import train
+    from mobiletune.train.trainer import train
     root, _, recipe, _, _ = setup
     desk = root / "desktop"
     train(recipe, desk)
@@ -86,7 +86,7 @@ def test_phone_adapter_loads_on_the_desktop(setup, reference_run, capsys):
 
 def test_draining_battery_switches_pauses_resumes_and_ends_equal(setup, reference_run, tmp_path):
     root, _, _, bundle, data = setup
-    from mobiletune.runtime.battery import SimClock
+    from mobiletune.runtime.energy.battery import SimClock
 
     class PhoneClock(SimClock):
         """As if every optimizer step took a phone 60 s (throttle sleeps come on top)."""

@@ -14,19 +14,19 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from export.build import export_bundle  # noqa: E402
+from export.monolithic_bundle import export_bundle  # noqa: E402
 from mobiletune import models  # noqa: E402
-from mobiletune.checkpoints.hf import save_hf_dir  # noqa: E402
-from mobiletune.loading import load_model, preset_tokenizer  # noqa: E402
-from mobiletune.lora import LoraConfig  # noqa: E402
+from mobiletune.formats.hf import save_hf_dir  # noqa: E402
+from mobiletune.formats.loading import load_model, preset_tokenizer  # noqa: E402
+from mobiletune.io import safetensors as st  # noqa: E402
 from mobiletune.models.config import ModelConfig  # noqa: E402
-from mobiletune.optim import OptimConfig  # noqa: E402
-from mobiletune.program import Program  # noqa: E402
-from mobiletune.recipe import Recipe  # noqa: E402
-from mobiletune.runtime import safetensors_io as st  # noqa: E402
+from mobiletune.models.lora import LoraConfig  # noqa: E402
+from mobiletune.programs.monolithic import Program  # noqa: E402
 from mobiletune.runtime.bundle import BundleError  # noqa: E402
 from mobiletune.runtime.litert import BundleRunner  # noqa: E402
-from mobiletune.trainer import build_steps  # noqa: E402
+from mobiletune.train.optim import OptimConfig  # noqa: E402
+from mobiletune.train.recipe import Recipe  # noqa: E402
+from mobiletune.train.trainer import build_steps  # noqa: E402
 from tests.tiny import TINY_HF  # noqa: E402
 
 SEQ = 12

@@ -11,10 +11,10 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-import mobiletune.checkpoints.gguf as gguf_reader
-from mobiletune.checkpoints.gguf import _expected_shapes, parse_gguf, read_gguf
-from mobiletune.checkpoints.gguf_tokenizer import read_gguf_metadata
+import mobiletune.formats.gguf as gguf_reader
 from mobiletune.errors import CheckpointError
+from mobiletune.formats.gguf import _expected_shapes, parse_gguf, read_gguf
+from mobiletune.formats.gguf_tokenizer import read_gguf_metadata
 from mobiletune.models.config import ModelConfig, preset
 
 TINY = dict(vocab_size=64, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,

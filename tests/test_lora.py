@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobiletune import lora, models
-from mobiletune.checkpoints.hf import check_params
-from mobiletune.checkpoints.peft import load_adapter, save_adapter
+from mobiletune import models
 from mobiletune.errors import MobiletuneError
+from mobiletune.formats.hf import check_params
+from mobiletune.formats.peft import load_adapter, save_adapter
+from mobiletune.models import lora
 from mobiletune.models.config import ModelConfig
 from tests.tiny import TINY_HF, state_dict_numpy, torch_logits, torch_model
 

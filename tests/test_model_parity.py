@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mobiletune import models
-from mobiletune.checkpoints.hf import check_params
+from mobiletune.formats.hf import check_params
 from mobiletune.models.config import ModelConfig
 from tests.tiny import SEQ_LEN, TINY_HF, state_dict_numpy, torch_logits, torch_model
 

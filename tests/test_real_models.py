@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from mobiletune import assets
-from mobiletune.checkpoints.gguf import read_gguf
 from mobiletune.cli import main
-from mobiletune.evaluate import ppl_windows
-from mobiletune.loading import gguf_tokenizer, read_text
+from mobiletune.formats.gguf import read_gguf
+from mobiletune.formats.loading import gguf_tokenizer, read_text
+from mobiletune.inference.perplexity import ppl_windows
 from mobiletune.models.config import ModelConfig, preset
 from tests.conftest import require_asset
 

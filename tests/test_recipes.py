@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from mobiletune import assets
+from mobiletune.assets.wordnet import definitions
 from mobiletune.cli import main
-from mobiletune.recipe import apply_overrides, load_recipe
-from mobiletune.trainer import resolve_data
-from mobiletune.wordnet import definitions
+from mobiletune.train.recipe import apply_overrides, load_recipe
+from mobiletune.train.trainer import resolve_data
 from tests.conftest import require_asset
 from tests.tiny import tiny_gpt2_dir
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mobiletune.errors import MobiletuneError
-from mobiletune.runtime.scheduler import Decision, Reading, Thresholds, decide
+from mobiletune.runtime.energy.scheduler import Decision, Reading, Thresholds, decide
 
 V = (1, 2, 4, 8)  # smallest 1, middle 4 (sorted[len // 2]), biggest 8
 TH = Thresholds()

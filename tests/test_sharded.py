@@ -12,21 +12,21 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from export.sharded import export_sharded  # noqa: E402
+from export.sharded_bundle import export_sharded  # noqa: E402
 from mobiletune import models  # noqa: E402
-from mobiletune.checkpoints.hf import save_hf_dir  # noqa: E402
-from mobiletune.loading import load_model, preset_tokenizer  # noqa: E402
-from mobiletune.lora import LoraConfig  # noqa: E402
-from mobiletune.loss import batch_nll  # noqa: E402
+from mobiletune.formats.hf import save_hf_dir  # noqa: E402
+from mobiletune.formats.loading import load_model, preset_tokenizer  # noqa: E402
+from mobiletune.io import safetensors as st  # noqa: E402
 from mobiletune.models.config import ModelConfig  # noqa: E402
-from mobiletune.optim import OptimConfig  # noqa: E402
-from mobiletune.recipe import Recipe  # noqa: E402
-from mobiletune.runtime import safetensors_io as st  # noqa: E402
+from mobiletune.models.lora import LoraConfig  # noqa: E402
+from mobiletune.programs.sharded import JaxCalls, ShardedModel  # noqa: E402
 from mobiletune.runtime.bundle import read_manifest  # noqa: E402
-from mobiletune.runtime.device import device_train  # noqa: E402
+from mobiletune.runtime.device_trainer import device_train  # noqa: E402
 from mobiletune.runtime.sharded import ShardedRunner  # noqa: E402
-from mobiletune.sharded import JaxCalls, ShardedModel  # noqa: E402
-from mobiletune.trainer import build_steps  # noqa: E402
+from mobiletune.train.loss import batch_nll  # noqa: E402
+from mobiletune.train.optim import OptimConfig  # noqa: E402
+from mobiletune.train.recipe import Recipe  # noqa: E402
+from mobiletune.train.trainer import build_steps  # noqa: E402
 from tests.tiny import TINY_HF, tiny_dir_with_gpt2_tokenizer  # noqa: E402
 
 SEQ = 12
@@ -79,9 +79,9 @@ def test_chained_gradient_equals_jax_grad(tmp_path, family, mode):
 
 
 RECIPE = """
-from mobiletune.recipe import Recipe
-from mobiletune.lora import LoraConfig
-from mobiletune.optim import OptimConfig
+from mobiletune.train.recipe import Recipe
+from mobiletune.models.lora import LoraConfig
+from mobiletune.train.optim import OptimConfig
 recipe = Recipe(name="sharded", model={model!r}, data=({data!r},), seq_len=24, micro_batch=4,
                 accumulation={acc}, steps=10, val_fraction=0.1,
                 lora={lora},
@@ -99,7 +99,7 @@ CASES = {  # name: (family, LoRA, accumulation, clip, variants)
 def sharded_runs(tmp_path_factory):
     """name -> (root, recipe, bundle, device output): exported and trained once."""
     from mobiletune import assets
-    from mobiletune.recipe import load_recipe
+    from mobiletune.train.recipe import load_recipe
     root = tmp_path_factory.mktemp("sharded")
     data = root / "data.txt"
     data.write_text(assets.read_text("botchan")[:20000], encoding="utf-8")
@@ -130,7 +130,7 @@ def losses(metrics) -> list[float]:
 def test_sharded_device_tracks_desktop(sharded_runs, name):
     """10 optimizer steps of the LiteRT sharded bundle on the device trainer vs the desktop
     JAX trainer on the same recipe, data and seed: losses within 1e-4 every step."""
-    from mobiletune.trainer import train
+    from mobiletune.train.trainer import train
     d, recipe, _, dev = sharded_runs(name)
     train(recipe, d / "desktop")
     ld, lp = losses(d / "desktop" / "metrics.jsonl"), losses(dev / "metrics.jsonl")
@@ -151,7 +151,7 @@ def test_variants_switch_pause_and_resume_end_equal(sharded_runs, tmp_path):
     """A draining battery trace switches micro-batch variants (4, 2, 1) and pauses; then a
     run stopped after 3 steps and resumed from its checkpoint: both end where the
     unconstrained run did (the same data, cut differently into micro-batches)."""
-    from mobiletune.runtime.battery import SimClock
+    from mobiletune.runtime.energy.battery import SimClock
 
     class PhoneClock(SimClock):
         def advance(self, s):
@@ -228,7 +228,7 @@ def test_damaged_weight_store_is_refused_by_name(sharded_runs, tmp_path):
 def test_sharded_infer_equals_the_jax_forward(sharded_runs):
     """``infer`` (block chain with micro-batch 1, head on the host) gives the model's
     next-token logits: within 1e-4 of ``models.forward`` on the trained adapter."""
-    from mobiletune.checkpoints.peft import load_adapter
+    from mobiletune.formats.peft import load_adapter
     from mobiletune.runtime.litert import BundleRunner
     d, recipe, bundle, dev = sharded_runs("gpt2-lora")
     m = load_model(recipe.model)
@@ -291,7 +291,7 @@ def test_tokens_outside_the_models_vocabulary_are_refused(tmp_path):
     one clear error before training, not an index error deep in a step."""
     from mobiletune import assets
     from mobiletune.errors import MobiletuneError
-    from mobiletune.runtime.device import prepare_data
+    from mobiletune.runtime.device_trainer import prepare_data
     from mobiletune.runtime.tokenizer import Tokenizer
     cfg = ModelConfig.from_hf_config(TINY_HF["llama"])
     params = models.init_params(cfg, jax.random.PRNGKey(0), as_numpy=True)

@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobiletune import lora, models
-from mobiletune.loss import batch_nll
+from mobiletune import models
+from mobiletune.models import lora
 from mobiletune.models.config import ModelConfig
-from mobiletune.optim import OptimConfig, decay_mask, make_optimizer, schedule
-from mobiletune.step import Steps
+from mobiletune.train.loss import batch_nll
+from mobiletune.train.optim import OptimConfig, decay_mask, make_optimizer, schedule
+from mobiletune.train.step import Steps
 from tests.tiny import TINY_HF
 
 

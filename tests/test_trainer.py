@@ -13,21 +13,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobiletune import lora, models
-from mobiletune.checkpoints.hf import load_hf_dir
-from mobiletune.checkpoints.peft import load_adapter
+from mobiletune import models
 from mobiletune.cli import main
 from mobiletune.errors import MobiletuneError
-from mobiletune.lora import LoraConfig
-from mobiletune.optim import OptimConfig
-from mobiletune.recipe import Recipe, apply_overrides
-from mobiletune.runtime import safetensors_io as st
+from mobiletune.formats.hf import load_hf_dir
+from mobiletune.formats.peft import load_adapter
+from mobiletune.io import safetensors as st
+from mobiletune.models import lora
+from mobiletune.models.lora import LoraConfig
+from mobiletune.train.optim import OptimConfig
+from mobiletune.train.recipe import Recipe, apply_overrides
 from tests.tiny import tiny_gpt2_dir, torch_logits
 
 RECIPE = """
-from mobiletune.recipe import Recipe
-from mobiletune.lora import LoraConfig
-from mobiletune.optim import OptimConfig
+from mobiletune.train.recipe import Recipe
+from mobiletune.models.lora import LoraConfig
+from mobiletune.train.optim import OptimConfig
 recipe = Recipe(name="tiny", model={model!r}, data=("botchan",), seq_len=32, micro_batch=2,
                 accumulation=2, steps=6, lora=LoraConfig(r=4, alpha=8, dropout=0.1),
                 optim=OptimConfig(lr=1e-2, warmup_steps=2), eval_every=3, eval_batches=2,

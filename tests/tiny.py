@@ -65,7 +65,7 @@ def tiny_dir_with_gpt2_tokenizer(path, family: str, seed: int = 0):
     import jax
 
     from mobiletune import assets, models
-    from mobiletune.checkpoints.hf import save_hf_dir
+    from mobiletune.formats.hf import save_hf_dir
     from mobiletune.models.config import ModelConfig
     from mobiletune.runtime.tokenizer import Tokenizer
     cfg = ModelConfig.from_hf_config({**TINY_HF[family], "vocab_size": 50257})
@@ -82,7 +82,7 @@ def tiny_gpt2_dir(path, seed: int = 0, n_layer: int = 2, n_embd: int = 48):
     import jax
 
     from mobiletune import assets, models
-    from mobiletune.checkpoints.hf import save_hf_dir
+    from mobiletune.formats.hf import save_hf_dir
     from mobiletune.models.config import preset
     from mobiletune.runtime.tokenizer import Tokenizer
     cfg = preset("gpt2", num_layers=n_layer, hidden_size=n_embd, num_heads=4, num_kv_heads=4,

@@ -56,7 +56,7 @@ def hidden_states(params, cfg: ModelConfig, tokens, cache: KVCache | None = None
     """Final-normed hidden states (B, T, D) and the updated cache (or None).
 
     ``params`` may also hold LoRA tensors (``<module>.lora_A.weight`` / ``.lora_B.weight``);
-    they are applied when ``lora`` gives their scale (see ``mobiletune.lora``)."""
+    they are applied when ``lora`` gives their scale (see ``mobiletune.models.lora``)."""
     fam = family(cfg)
     start = 0 if cache is None else cache.length
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)      # (T,)

@@ -28,7 +28,7 @@ A *sharded* bundle (``Manifest.sharded`` set; schema 2) has no variables and no 
 section: its program holds per-block signatures that take the weights as inputs
 (``block_fwd_<kind>_b{k}``, ``block_bwd_<kind>_b{k}``, ``norm_fwd/_bwd_b{k}``,
 ``head_fwd_b{k}``, ``head_wgrad_b{k}``, ``opt_decay`` / ``opt_nodecay``; see
-``mobiletune.sharded``), the base weights are in ``weights.safetensors`` (float32 or float16,
+``mobiletune.programs.sharded``), the base weights are in ``weights.safetensors`` (float32 or float16,
 memory-mapped by the phone), and ``state`` names ``trainable/…``, ``acc/…``,
 ``opt/<group>/<leaf>`` (flattened per optimizer group), ``acc_nll``, ``acc_count``. The
 ``sharded`` section gives the layers (HF prefix, block kind, attention inputs), the kinds'

@@ -65,7 +65,7 @@ def build_parser(prog: str = "python -m mobiletune.runtime") -> argparse.Argumen
 
 
 def cmd_train(args) -> int:
-    from mobiletune.runtime.device import device_train
+    from mobiletune.runtime.device_trainer import device_train
     r = device_train(args.bundle, args.data, args.out, steps=args.steps, battery=args.battery,
                      threads=args.threads, resume=args.resume,
                      checkpoint_every=args.checkpoint_every,
@@ -80,7 +80,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from mobiletune.runtime.device import device_generate
+    from mobiletune.runtime.device_trainer import device_generate
     text, tps = device_generate(args.bundle, args.prompt, args.state, args.max_new_tokens,
                                 args.threads)
     print(text)

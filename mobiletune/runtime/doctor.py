@@ -146,8 +146,8 @@ def doctor(bundle=None, threads: int | None = None, battery: str = "auto",
     except ImportError as e:
         problems.append(f"LiteRT: ai_edge_litert does not import ({e}); pip install "
                         f"'mobiletune[runtime]'")
-    from mobiletune.runtime import battery as B
-    from mobiletune.runtime import scheduler as S
+    from mobiletune.runtime.energy import battery as B
+    from mobiletune.runtime.energy import scheduler as S
     try:
         provider, described = B.open_provider(battery)
         r = provider.read(0.0)

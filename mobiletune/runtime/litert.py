@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mobiletune.runtime import safetensors_io as st
+from mobiletune.io import safetensors as st
 from mobiletune.runtime.bundle import (
     BASE,
     PROGRAM,

@@ -8,7 +8,7 @@ import json
 import resource
 from pathlib import Path
 
-from mobiletune.runtime.safetensors_io import write_text_atomic
+from mobiletune.io.safetensors import write_text_atomic
 
 
 def peak_rss_mb() -> float:

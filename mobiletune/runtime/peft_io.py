@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mobiletune.runtime import safetensors_io as st
+from mobiletune.io import safetensors as st
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"

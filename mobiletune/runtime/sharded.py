@@ -1,5 +1,5 @@
 """Run a sharded training bundle: weights streamed from a memory-mapped store, one block
-program reused for every layer (see ``mobiletune.sharded`` for the chain it runs).
+program reused for every layer (see ``mobiletune.programs.sharded`` for the chain it runs).
 
 ``ShardedRunner`` has ``BundleRunner``'s training interface (``accumulate``, ``apply``,
 ``eval``, ``get_state``, ``set_state``), so the device trainer, the energy scheduler and the

@@ -9,7 +9,7 @@ in front of every text, and the chat template. It is built from
 
 * ``Tokenizer.from_file(tokenizer_json, config_json)`` / ``Tokenizer.from_dir(hf_dir)``,
 * ``Tokenizer.from_gpt2_files(vocab_json, merges_txt)`` (byte-level BPE exactly like HF GPT-2),
-* ``mobiletune.checkpoints.gguf_tokenizer.tokenizer_from_gguf(path)`` (desktop only),
+* ``mobiletune.formats.gguf_tokenizer.tokenizer_from_gguf(path)`` (desktop only),
 
 and written back with :meth:`Tokenizer.save` as a ``tokenizer.json`` + ``tokenizer_config.json``
 pair that both this class and ``transformers.AutoTokenizer`` load.
@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
-from ..errors import MobiletuneError
+from mobiletune.errors import MobiletuneError
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 

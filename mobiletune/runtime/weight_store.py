@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mobiletune.runtime import safetensors_io as st
+from mobiletune.io import safetensors as st
 from mobiletune.runtime.bundle import BundleError
 
 _PAGE = mmap.PAGESIZE

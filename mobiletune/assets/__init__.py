@@ -37,7 +37,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .errors import MobiletuneError
+from mobiletune.errors import MobiletuneError
 
 INSTALL_HINT = "run `make assets` (or `python -m mobiletune.assets install`)"
 

@@ -76,12 +76,12 @@ def load_model(spec: str, seed: int = 0) -> LoadedModel:
         return LoadedModel(cfg, params, preset_tokenizer(name), spec)
     path = resolve_model_path(spec)
     if path.is_dir():
-        from mobiletune.checkpoints.hf import load_hf_dir
+        from mobiletune.formats.hf import load_hf_dir
         from mobiletune.runtime.tokenizer import Tokenizer
         cfg, params = load_hf_dir(path)
         return LoadedModel(cfg, params, Tokenizer.from_dir(path), str(path))
     if path.suffix == ".gguf":
-        from mobiletune.checkpoints.gguf import read_gguf
+        from mobiletune.formats.gguf import read_gguf
         ck = read_gguf(path)
         return LoadedModel(ck.config, ck.params, gguf_tokenizer(path), str(path))
     raise MobiletuneError(f"--model {spec!r}: expected a Hugging Face directory or a .gguf file")
@@ -93,7 +93,7 @@ GGUF_TOKENIZER_CACHE_VERSION = 2  # bump when what we build from a GGUF changes
 def gguf_tokenizer(path: Path):
     """The tokenizer stored in a GGUF, built once and cached as tokenizer.json beside the
     other assets (building Gemma's 262k-piece BPE takes a while)."""
-    from mobiletune.checkpoints.gguf_tokenizer import tokenizer_from_gguf
+    from mobiletune.formats.gguf_tokenizer import tokenizer_from_gguf
     from mobiletune.runtime.tokenizer import Tokenizer
     st = path.stat()
     cache = (assets.cache_dir() / "gguf-tokenizers"

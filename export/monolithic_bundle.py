@@ -20,10 +20,9 @@ import numpy as np
 
 import mobiletune
 from export.tflite import ExportError, build_module, convert
-from mobiletune.loading import load_model, peek_config
-from mobiletune.program import Program
-from mobiletune.recipe import Recipe
-from mobiletune.runtime import safetensors_io as st
+from mobiletune.formats.loading import load_model, peek_config
+from mobiletune.io import safetensors as st
+from mobiletune.programs.monolithic import Program
 from mobiletune.runtime.bundle import (
     BASE,
     MANIFEST,
@@ -33,7 +32,8 @@ from mobiletune.runtime.bundle import (
     file_entry,
 )
 from mobiletune.runtime.metrics import peak_rss_mb
-from mobiletune.trainer import build_steps
+from mobiletune.train.recipe import Recipe
+from mobiletune.train.trainer import build_steps
 
 # The monolithic converter's memory grows with the traced program: a 29.5M-param full
 # fine-tune peaked at 8.6 GB here (shared notes); SmolLM2-135M LoRA (frozen weights as

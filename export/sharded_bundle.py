@@ -1,5 +1,5 @@
 """Recipe -> sharded training bundle: a program whose signatures do not grow with depth
-(``mobiletune.sharded``) plus a weight store the phone streams from.
+(``mobiletune.programs.sharded``) plus a weight store the phone streams from.
 
     python -m export RECIPE.py --out BUNDLE --sharded [--store-dtype float16]
 
@@ -19,15 +19,15 @@ import jax
 import numpy as np
 
 import mobiletune
-from mobiletune import lora
 from mobiletune.errors import MobiletuneError
-from mobiletune.loading import load_model
-from mobiletune.recipe import Recipe
-from mobiletune.runtime import safetensors_io as st
+from mobiletune.formats.loading import load_model
+from mobiletune.io import safetensors as st
+from mobiletune.models import lora
+from mobiletune.programs.sharded import ShardedModel, signature_meta
 from mobiletune.runtime.bundle import MANIFEST, PROGRAM, STATE, Manifest, TensorSpec, file_entry
 from mobiletune.runtime.metrics import peak_rss_mb
 from mobiletune.runtime.sharded import STORE
-from mobiletune.sharded import ShardedModel, signature_meta
+from mobiletune.train.recipe import Recipe
 
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -84,7 +84,7 @@ def write_files(recipe: Recipe, tmp: Path, store_dtype: str,
 
 def manifest_for(recipe: Recipe, sm: ShardedModel, variants, files, tok, store_dtype,
                  signatures) -> Manifest:
-    from export.build import _version
+    from export.monolithic_bundle import _version
     return Manifest(
         model=sm.cfg.to_dict(), lora=sm.lcfg.to_dict() if sm.lcfg else None,
         optim=sm.optim.to_dict(), data=recipe.data_config().to_dict(), recipe=recipe.to_dict(),
@@ -102,8 +102,8 @@ def manifest_for(recipe: Recipe, sm: ShardedModel, variants, files, tok, store_d
 def export_sharded(recipe: Recipe, out, variants, store_dtype: str = "float32",
                    verify: bool = True, program: bool = True, vocab_chunk: int = 4096) -> dict:
     """Write a sharded bundle; ``program=False`` skips the LiteRT program (tests run the
-    chain with ``mobiletune.sharded.JaxCalls`` instead). Returns a report."""
-    from export.build import check_variants, verify_in_fresh_process
+    chain with ``mobiletune.programs.sharded.JaxCalls`` instead). Returns a report."""
+    from export.monolithic_bundle import check_variants, verify_in_fresh_process
     t0 = time.perf_counter()
     out = Path(out)
     variants = check_variants(recipe, variants)

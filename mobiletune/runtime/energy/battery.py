@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from mobiletune.errors import MobiletuneError
-from mobiletune.runtime.scheduler import Reading
+from mobiletune.runtime.energy.scheduler import Reading
 
 SYSFS_ROOT = "/sys/class/power_supply"
 TERMUX_COMMAND = ("termux-battery-status",)

@@ -22,16 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from mobiletune.errors import MobiletuneError
-from mobiletune.runtime import battery as B
+from mobiletune.io import safetensors as st
 from mobiletune.runtime import data as D
 from mobiletune.runtime import peft_io
-from mobiletune.runtime import safetensors_io as st
-from mobiletune.runtime import scheduler as S
 from mobiletune.runtime.bundle import sha256_file
-from mobiletune.runtime.checkpoints import Checkpoints
+from mobiletune.runtime.energy import battery as B
+from mobiletune.runtime.energy import scheduler as S
 from mobiletune.runtime.litert import BundleRunner
 from mobiletune.runtime.metrics import MetricsLog, peak_rss_mb
 from mobiletune.runtime.progress import Progress
+from mobiletune.runtime.state_checkpoints import Checkpoints
 from mobiletune.runtime.tokenizer import Tokenizer
 
 

@@ -33,9 +33,9 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
-from ..errors import CheckpointError
-from ..runtime.tokenizer import Tokenizer
-from .gguf import parse_gguf
+from mobiletune.errors import CheckpointError
+from mobiletune.formats.gguf import parse_gguf
+from mobiletune.runtime.tokenizer import Tokenizer
 
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp llama_token_type)
 

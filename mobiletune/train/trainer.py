@@ -1,7 +1,7 @@
 """The desktop trainer: a recipe in, adapters / a checkpoint, metrics and a loss curve out.
 
 Each optimizer step runs ``accumulation`` micro-batches through the jitted ``accumulate``
-and one ``apply`` (``mobiletune.step``): the same functions the exporter traces for the
+and one ``apply`` (``mobiletune.train.step``): the same functions the exporter traces for the
 phone. Everything a step depends on is part of the saved state — trainable params,
 optimizer state, step count, the data position — and the dropout key is derived from
 (seed, step, micro-batch), so an interrupted run resumed with ``--resume`` takes exactly
@@ -26,16 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobiletune import assets, lora
+from mobiletune import assets
 from mobiletune.errors import MobiletuneError
-from mobiletune.loading import LoadedModel, load_model
-from mobiletune.optim import make_optimizer, schedule
-from mobiletune.recipe import Recipe
+from mobiletune.formats.loading import LoadedModel, load_model
+from mobiletune.io.safetensors import write_text_atomic
+from mobiletune.models import lora
 from mobiletune.runtime import data as D
 from mobiletune.runtime.metrics import MetricsLog, peak_rss_mb
 from mobiletune.runtime.progress import Progress
-from mobiletune.runtime.safetensors_io import write_text_atomic
-from mobiletune.step import Steps, step_key
+from mobiletune.train.optim import make_optimizer, schedule
+from mobiletune.train.recipe import Recipe
+from mobiletune.train.step import Steps, step_key
 
 
 def resolve_data(specs) -> list[Path]:
@@ -45,7 +46,7 @@ def resolve_data(specs) -> list[Path]:
     for s in specs:
         p = Path(s).expanduser()
         if s == "wordnet:define":
-            from mobiletune.wordnet import build_jsonl
+            from mobiletune.assets.wordnet import build_jsonl
             p = build_jsonl()
         elif not p.exists():
             if not (":" in s or s in assets.TEXT_ASSETS):
@@ -116,7 +117,7 @@ def evaluate(run: Run, fns, trainable) -> float | None:
 
 def train(recipe: Recipe, out_dir, resume: bool = False) -> dict:
     """Run (or resume) a recipe; returns a summary."""
-    from mobiletune import checkpointing as ckpt
+    from mobiletune.train import orbax_checkpoints as ckpt
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
@@ -177,9 +178,9 @@ def train(recipe: Recipe, out_dir, resume: bool = False) -> dict:
 
 
 def finish(run: Run, state, log: "MetricsLog", seconds: float) -> dict:
-    from mobiletune.checkpoints.hf import save_hf_dir
-    from mobiletune.checkpoints.peft import save_adapter
-    from mobiletune.plot import plot_losses
+    from mobiletune.formats.hf import save_hf_dir
+    from mobiletune.formats.peft import save_adapter
+    from mobiletune.train.plot import plot_losses
     r, out, cfg = run.recipe, run.out, run.model.cfg
     trainable = {k: np.asarray(v) for k, v in state.trainable.items()}
     if r.lora is not None:

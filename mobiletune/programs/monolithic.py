@@ -18,7 +18,7 @@ import numpy as np
 from mobiletune import models
 from mobiletune.errors import MobiletuneError
 from mobiletune.runtime.bundle import TensorSpec
-from mobiletune.step import Accum, Steps, TrainState
+from mobiletune.train.step import Accum, Steps, TrainState
 
 
 def _key_str(k) -> str:

@@ -34,9 +34,9 @@ from mobiletune import models
 from mobiletune.errors import MobiletuneError
 from mobiletune.models import layers as L
 from mobiletune.models.layers import NEG_INF
-from mobiletune.optim import OptimConfig, decay_mask, make_optimizer
-from mobiletune.program import leaf_path
+from mobiletune.programs.monolithic import leaf_path
 from mobiletune.runtime.bundle import Signature, TensorSpec, signature_shape
+from mobiletune.train.optim import OptimConfig, decay_mask, make_optimizer
 
 W, G, S = "w__", "g__", "s__"       # input/output name prefixes: weights, gradients, opt state
 NO_WINDOW = 1 << 30                  # "global" attention as a window no sequence reaches

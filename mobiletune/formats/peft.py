@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from mobiletune.errors import CheckpointError
-from mobiletune.lora import LoraConfig, targets
+from mobiletune.io import safetensors as st
 from mobiletune.models.config import ModelConfig
-from mobiletune.runtime import safetensors_io as st
+from mobiletune.models.lora import LoraConfig, targets
 from mobiletune.runtime.peft_io import CONFIG, PREFIX, WEIGHTS, write_adapter
 
 # PEFT keys that change the math; we refuse any non-default value rather than ignore it.

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from mobiletune.runtime import safetensors_io as st
+from mobiletune.io import safetensors as st
 
 STATE = "state.safetensors"
 META = "meta.json"

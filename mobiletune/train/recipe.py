@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mobiletune.errors import MobiletuneError
-from mobiletune.lora import LoraConfig
-from mobiletune.optim import OptimConfig
+from mobiletune.models.lora import LoraConfig
+from mobiletune.train.optim import OptimConfig
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from mobiletune.errors import CheckpointError
+from mobiletune.io import safetensors as st
 from mobiletune.models import param_shapes
 from mobiletune.models.config import ConfigError, ModelConfig
-from mobiletune.runtime import safetensors_io as st
 
 # Keys transformers may write that are not parameters (buffers) — safe to ignore.
 _IGNORABLE_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mobiletune.lora import LoraConfig
-from mobiletune.loss import batch_nll
 from mobiletune.models.config import ModelConfig
+from mobiletune.models.lora import LoraConfig
+from mobiletune.train.loss import batch_nll
 
 
 class TrainState(NamedTuple):

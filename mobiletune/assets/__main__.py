@@ -1,0 +1,5 @@
+import sys
+
+from mobiletune.assets import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Using a model on the desktop (JAX): perplexity and generation."""

@@ -1,0 +1,2 @@
+"""A bundle's signatures as pure JAX functions (what ``export/`` traces): the monolithic
+program and the sharded per-block program."""
