@@ -21,6 +21,7 @@ import numpy as np
 import mobiletune
 from export.tflite import ExportError, build_module, convert
 from mobiletune.formats.loading import load_model, peek_config
+from mobiletune.io import atomic
 from mobiletune.io import safetensors as st
 from mobiletune.programs.monolithic import Program
 from mobiletune.runtime.bundle import (
@@ -115,10 +116,8 @@ def export_bundle(recipe: Recipe, out, variants=(1, 2, 4), verify: bool = True) 
                "tensorflow": _version("tensorflow-cpu") or _version("tensorflow"),
                "ai-edge-litert": _version("ai-edge-litert")},
         extra={"hf_config": prog.cfg.to_hf_dict(), "base_model": recipe.model})
-    st.write_text_atomic(tmp / MANIFEST, manifest.to_json())
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    atomic.write_text(tmp / MANIFEST, manifest.to_json())
+    atomic.replace_dir(tmp, out)
     if verify:
         verify_in_fresh_process(out)
     bundle_bytes = sum(p.stat().st_size for p in out.iterdir())

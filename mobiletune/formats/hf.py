@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from mobiletune.errors import CheckpointError
+from mobiletune.io import atomic
 from mobiletune.io import safetensors as st
 from mobiletune.models import param_shapes
 from mobiletune.models.config import ConfigError, ModelConfig
@@ -89,7 +90,7 @@ def save_hf_dir(path: str | Path, cfg: ModelConfig, params: dict, tokenizer=None
     st.save(d / "model.safetensors", params, meta={"format": "pt"})
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = "float32"
-    st.write_text_atomic(d / "config.json", json.dumps(hf, indent=2) + "\n")
+    atomic.write_text(d / "config.json", json.dumps(hf, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(d)
     return d

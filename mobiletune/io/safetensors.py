@@ -4,20 +4,19 @@ package, no torch).
 Format: 8-byte little-endian header length N, N bytes of JSON header
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``,
 then the raw little-endian tensor bytes. Reads are memory-mapped; writes are atomic
-(temp file + fsync + rename). Every error names the file and, where it applies, the key.
+(``mobiletune.io.atomic``). Every error names the file and, where it applies, the key.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from mobiletune.errors import MobiletuneError
+from mobiletune.io.atomic import atomic_writer
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -87,10 +86,6 @@ def load(path: str | Path, names=None, mmap: bool = True) -> dict[str, np.ndarra
     return out
 
 
-def metadata(path: str | Path) -> dict:
-    return read_header(path)[1]
-
-
 def save(path: str | Path, tensors: dict[str, np.ndarray], meta: dict | None = None,
          dtype=None) -> None:
     """Write tensors atomically: a crash leaves either the old file or the new one.
@@ -127,55 +122,3 @@ class _Cast:
     def __init__(self, src: np.ndarray, dtype: np.dtype):
         self.src, self.dtype, self.shape, self.ndim = src, dtype, src.shape, src.ndim
         self.nbytes = src.size * dtype.itemsize
-
-
-class atomic_writer:
-    """``with atomic_writer(path) as f: f.write(...)`` — temp file in the same directory,
-    fsync, then rename over ``path``. On an exception the temp file is removed and
-    ``path`` is untouched."""
-
-    def __init__(self, path: str | Path, mode: str = "wb"):
-        self.path = Path(path)
-        self.mode = mode
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
-                                        suffix=".tmp")
-        self.f = os.fdopen(fd, self.mode, **({} if "b" in self.mode else {"encoding": "utf-8"}))
-        return self.f
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
-                self.f.flush()
-                os.fsync(self.f.fileno())
-            self.f.close()
-            if exc_type is None:
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; files are data
-                os.replace(self.tmp, self.path)
-                _fsync_dir(self.path.parent)
-        finally:
-            if os.path.exists(self.tmp):
-                os.unlink(self.tmp)
-        return False
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    with atomic_writer(path, "w") as f:
-        f.write(text)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mobiletune.errors import MobiletuneError
+from mobiletune.io import atomic
 from mobiletune.io import safetensors as st
 from mobiletune.runtime import data as D
 from mobiletune.runtime import peft_io
@@ -209,7 +210,7 @@ def write_outputs(runner: BundleRunner, out: Path) -> None:
                               base_model=m.extra.get("base_model"))
     else:
         st.save(out / "model" / "model.safetensors", trainable, meta={"format": "pt"})
-        st.write_text_atomic(out / "model" / "config.json",
+        atomic.write_text(out / "model" / "config.json",
                              json.dumps(m.extra["hf_config"], indent=2) + "\n")
 
 

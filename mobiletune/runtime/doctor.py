@@ -89,14 +89,14 @@ def check_bundle(bundle: Path, threads: int | None, facts: list, problems: list)
     if free < need:
         problems.append(f"storage: {free:.0f} MB free under {bundle}, checkpoints need about "
                         f"{need:.0f} MB")
+    k = min(m.variants)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, int(m.model["vocab_size"]), (k, m.seq_len), dtype=np.int32)
+    batch = {"inputs": ids, "targets": np.roll(ids, -1, axis=1),
+             "loss_mask": np.ones((k, m.seq_len), np.float32)}
     try:
-        runner = BundleRunner.open(bundle, threads=threads, verify=False)
-        k = min(m.variants)
-        rng = np.random.default_rng(0)
-        ids = rng.integers(0, int(m.model["vocab_size"]), (k, m.seq_len), dtype=np.int32)
-        batch = {"inputs": ids, "targets": np.roll(ids, -1, axis=1),
-                 "loss_mask": np.ones((k, m.seq_len), np.float32)}
-        with _CaptureStderr() as cap:
+        with _CaptureStderr() as cap:  # LiteRT says once per process when XNNPACK comes up
+            runner = BundleRunner.open(bundle, threads=threads, verify=False)
             runner.accumulate(batch)              # first call: arenas, weight packing
         t0 = time.perf_counter()
         runner.accumulate(batch)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -34,6 +33,7 @@ import zipfile
 from pathlib import Path
 
 from mobiletune.errors import MobiletuneError
+from mobiletune.io import atomic
 from mobiletune.runtime.bundle import read_manifest, verify_files
 
 KIT_FORMAT = "mobiletune-phone-kit"
@@ -138,9 +138,8 @@ def build_kit(bundle, out, pythons=PYTHONS, wheel=None, tar: bool = True, log=pr
     bundle, out = Path(bundle), Path(out)
     m = read_manifest(bundle)
     verify_files(bundle, m)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "wheels").mkdir(parents=True)
+    tmp = atomic.staging_dir(out)
+    (tmp / "wheels").mkdir()
     try:
         log(f"kit: copying the bundle {bundle}")
         shutil.copytree(bundle, tmp / "bundle")
@@ -168,20 +167,17 @@ def build_kit(bundle, out, pythons=PYTHONS, wheel=None, tar: bool = True, log=pr
                                                  "program_sha256": m.files["program"]["sha256"]},
                 "wheels": sorted(p.name for p in (tmp / "wheels").iterdir()),
                 "bytes": sum(p.stat().st_size for p in files)}
-        (tmp / "kit.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        atomic.write_text(tmp / "kit.json", json.dumps(info, indent=1) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    atomic.replace_dir(tmp, out)
     if tar:
         archive = out.with_name(out.name + ".tar.gz")
-        part = archive.with_name(f".{archive.name}.tmp")
         log(f"kit: writing {archive}")
-        with tarfile.open(part, "w:gz", compresslevel=1) as t:
+        with atomic.atomic_writer(archive) as f, tarfile.open(fileobj=f, mode="w:gz",
+                                                              compresslevel=1) as t:
             t.add(out, arcname=out.name)
-        os.replace(part, archive)
         info["archive_bytes"] = archive.stat().st_size
     return info
 

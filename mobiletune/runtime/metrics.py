@@ -8,7 +8,7 @@ import json
 import resource
 from pathlib import Path
 
-from mobiletune.io.safetensors import write_text_atomic
+from mobiletune.io.atomic import write_text as write_text_atomic
 
 
 def peak_rss_mb() -> float:

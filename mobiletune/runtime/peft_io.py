@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mobiletune.io import atomic
 from mobiletune.io import safetensors as st
 
 PREFIX = "base_model.model."
@@ -35,6 +36,6 @@ def write_adapter(path, adapter: dict, lora: dict, family: str, base_model: str 
     d = Path(path)
     tensors = {PREFIX + k: np.asarray(v, np.float32) for k, v in adapter.items()}
     st.save(d / WEIGHTS, tensors, meta={"format": "pt", **(meta or {})})
-    st.write_text_atomic(d / CONFIG, json.dumps(adapter_config(lora, family, base_model),
+    atomic.write_text(d / CONFIG, json.dumps(adapter_config(lora, family, base_model),
                                                 indent=2) + "\n")
     return d

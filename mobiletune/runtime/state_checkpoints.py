@@ -9,10 +9,10 @@ and skipped (nothing else is lost: the previous one is complete by construction)
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
+from mobiletune.io import atomic
 from mobiletune.io import safetensors as st
 
 STATE = "state.safetensors"
@@ -39,15 +39,10 @@ class Checkpoints:
 
     def save(self, step: int, state: dict, meta: dict) -> Path:
         final = self.path(step)
-        tmp = self.dir / f".tmp-step-{step:07d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = atomic.staging_dir(final)
         st.save(tmp / STATE, state)
-        st.write_text_atomic(tmp / META, json.dumps({**meta, "step": step}, indent=1) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        st._fsync_dir(self.dir)
+        atomic.write_text(tmp / META, json.dumps({**meta, "step": step}, indent=1) + "\n")
+        atomic.replace_dir(tmp, final)
         for old in self._steps()[:-self.keep]:
             shutil.rmtree(self.path(old), ignore_errors=True)
         return final

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -28,6 +27,7 @@ import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
 from mobiletune.errors import MobiletuneError
+from mobiletune.io import atomic
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -37,20 +37,6 @@ def _token_str(value: Any) -> str | None:
     if isinstance(value, Mapping):
         value = value.get("content")
     return value if isinstance(value, str) else None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -255,8 +241,8 @@ class Tokenizer:
         config.setdefault("clean_up_tokenization_spaces", False)
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         config.pop("added_tokens_decoder", None)  # tokenizer.json's added_tokens are the truth
-        _atomic_write_text(d / "tokenizer.json", self.backend.to_str())
-        _atomic_write_text(d / "tokenizer_config.json",
+        atomic.write_text(d / "tokenizer.json", self.backend.to_str())
+        atomic.write_text(d / "tokenizer_config.json",
                            json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return d
 

@@ -29,7 +29,7 @@ import numpy as np
 from mobiletune import assets
 from mobiletune.errors import MobiletuneError
 from mobiletune.formats.loading import LoadedModel, load_model
-from mobiletune.io.safetensors import write_text_atomic
+from mobiletune.io.atomic import write_text as write_text_atomic
 from mobiletune.models import lora
 from mobiletune.runtime import data as D
 from mobiletune.runtime.metrics import MetricsLog, peak_rss_mb
