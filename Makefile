@@ -29,7 +29,7 @@ demo: assets
 	bash scripts/demo.sh $(PY) $(DEMO)
 
 test: assets
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

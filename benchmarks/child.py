@@ -40,7 +40,7 @@ def time_jax(spec: dict) -> dict:
     from mobiletune.models.lora import LoraConfig
     from mobiletune.train.optim import OptimConfig
     from mobiletune.train.recipe import Recipe
-    from mobiletune.train.trainer import build_steps
+    from mobiletune.train.setup import build_steps
     b, t, lo = spec["batch"], spec["seq"], spec["lora"]
     lora = None if lo is None else LoraConfig(r=lo["r"], alpha=lo["alpha"],
                                               target_modules=_tuple(lo["targets"]))

@@ -43,8 +43,8 @@ if what == "export":
     print(json.dumps({**rep, "peak_rss_mb": peak()})); sys.exit()
 times = []
 if what == "litert":
-    from mobiletune.runtime.litert import BundleRunner
-    r = BundleRunner.open(bundle, threads=2)
+    from mobiletune.runtime.runner import open_bundle
+    r = open_bundle(bundle, threads=2)
     b, t = max(r.manifest.variants), r.manifest.seq_len
     x = np.random.default_rng(0).integers(0, 50000, (b, t + 1)).astype(np.int32)
     batch = {"inputs": x[:, :-1], "targets": x[:, 1:], "loss_mask": np.ones((b, t), np.float32)}
@@ -55,12 +55,13 @@ else:
     from mobiletune.formats.loading import load_model
     from mobiletune.programs.monolithic import Program
     from mobiletune.train.recipe import load_recipe
-    from mobiletune.train.trainer import build_steps
+    from mobiletune.train.setup import build_steps
     rc = load_recipe(recipe_path)
     steps_, tr, fr = build_steps(rc, load_model(rc.model))
     prog = Program(steps_, tr, fr, rc.seq_len)
     state = {k: jnp.asarray(v) for k, v in prog.initial_state().items()}
-    fr = {f"frozen/{k}": v for k, v in fr.items()}
+    from mobiletune.runtime import bundle as B
+    fr = {B.frozen_name(k): v for k, v in fr.items()}
     b, t = rc.micro_batch, rc.seq_len
     x = np.random.default_rng(0).integers(0, 50000, (b, t + 1)).astype(np.int32)
     args = (jnp.asarray(x[:, :-1]), jnp.asarray(x[:, 1:]), jnp.ones((b, t), jnp.float32))

@@ -167,7 +167,7 @@ def run_device(system: str, w: Workload, steps: int, threads: int, tmp: Path, da
         fits = "too large" not in ex.stderr
         return {"status": "failed" if fits else "does not fit", "stage": "export",
                 "reason": ex.error()}
-    rep = ex.last_json()
+    rep = json.loads((bundle / "report.json").read_text())
     export = {k: rep.get(k) for k in ("bundle_bytes", "needed_bytes", "export_seconds",
                                       "convert_seconds", "peak_rss_mb", "params",
                                       "trainable_params")}

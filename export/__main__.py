@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-verify", action="store_true", help="skip the fresh-process check")
     args = ap.parse_args(argv)
     try:
-        from export.monolithic_bundle import export_bundle, report_lines
+        from export.common import default_variants
+        from export.monolithic_bundle import export_bundle
         from mobiletune.train.recipe import apply_overrides, load_recipe
         recipe = apply_overrides(load_recipe(args.recipe), args.set)
         if args.variants:
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
             except ValueError:
                 raise MobiletuneError(f"--variants {args.variants!r}: expected integers") from None
         else:
-            variants = [v for v in range(1, recipe.micro_batch + 1) if recipe.batch_size % v == 0]
+            variants = default_variants(recipe)
         if args.sharded:
             from export.sharded_bundle import export_sharded
             rep = export_sharded(recipe, args.out, variants, args.store_dtype,
@@ -52,8 +53,8 @@ def main(argv=None) -> int:
     except MobiletuneError as e:
         print(f"mobiletune: error: {e}", file=sys.stderr)
         return 2
-    for line in report_lines(rep):
-        print(line)
+    from export.common import summary
+    print(summary(rep))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Trace a ``mobiletune.programs.monolithic.Program`` into a builtin-ops-only LiteRT program.
 
-Route (see shared notes/litert-export.md): ``jax2tf.convert`` (native StableHLO) inside a
+Route: ``jax2tf.convert`` (native StableHLO) inside a
 ``tf.Module`` whose ``tf.Variable``s hold the state → SavedModel with one signature per
 bundle signature → ``TFLiteConverter`` with TFLITE_BUILTINS only and resource variables.
 
@@ -25,21 +25,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 from jax.experimental import jax2tf  # noqa: E402
 
-from mobiletune.errors import MobiletuneError  # noqa: E402
+from export.common import ExportError  # noqa: E402
 from mobiletune.models.layers import litert_matmuls  # noqa: E402
 from mobiletune.runtime.bundle import (  # noqa: E402
+    APPLY,
+    GET_STATE,
+    INFER,
+    SET_FROZEN,
+    SET_STATE,
     Signature,
     TensorSpec,
+    accumulate_sig,
+    eval_sig,
     input_name,
     signature_shape,
-    train_signatures,
+    train_step_sig,
 )
 
 _DT = {"float32": tf.float32, "int32": tf.int32}
-
-
-class ExportError(MobiletuneError):
-    pass
 
 
 def _tf_spec(s: TensorSpec, name: str | None = None) -> tf.TensorSpec:
@@ -98,21 +101,20 @@ def _build_module(program, frozen_specs, variants):
             TensorSpec(k, tuple(v.shape), v.dtype.name) for k, v in sorted(outs.items()))))
 
     for k in variants:
-        t_name, a_name, e_name = train_signatures(k)
         b = program.batch_specs(k)
-        add(t_name, program.train_step, b, True)
-        add(a_name, program.accumulate, b, True)
-        add(e_name, program.eval, b, False)
-    add("apply", program.apply, (), True)
-    add("infer", program.infer, program.infer_specs(), False)
+        add(train_step_sig(k), program.train_step, b, True)
+        add(accumulate_sig(k), program.accumulate, b, True)
+        add(eval_sig(k), program.eval, b, False)
+    add(APPLY, program.apply, (), True)
+    add(INFER, program.infer, program.infer_specs(), False)
 
     get = tf.function(lambda: read(m.state), input_signature=[], autograph=False)
-    sigs["get_state"] = get.get_concrete_function()
-    meta.append(Signature("get_state", (), state_specs))
-    for group, specs in (("set_state", state_specs), ("set_frozen", frozen_specs)):
+    sigs[GET_STATE] = get.get_concrete_function()
+    meta.append(Signature(GET_STATE, (), state_specs))
+    for group, specs in ((SET_STATE, state_specs), (SET_FROZEN, frozen_specs)):
         if not specs:
             continue
-        vs = m.state if group == "set_state" else m.frozen
+        vs = m.state if group == SET_STATE else m.frozen
         in_spec = {s.name: _tf_spec(s, input_name(s.name)) for s in specs}
 
         f = tf.function(_setter(vs), input_signature=[in_spec], autograph=False)
@@ -217,14 +219,12 @@ def fix_scatter_regions(flat: bytes) -> bytes:
         oc.version = 1
         model.operatorCodes.append(oc)
         add_idx = len(model.operatorCodes) - 1
-    changed = 0
     for r in regions:
         for op in model.subgraphs[r].operators or []:
             if _code(model.operatorCodes[op.opcodeIndex]) == S.BuiltinOperator.ADD:
                 op.opcodeIndex = add_idx
                 op.builtinOptionsType = S.BuiltinOptions.NONE
                 op.builtinOptions = None
-                changed += 1
     b = flatbuffers.Builder(len(flat) + 1024)
     b.Finish(model.Pack(b), file_identifier=b"TFL3")
     return bytes(b.Output())

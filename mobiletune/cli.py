@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from mobiletune.errors import MobiletuneError
+from mobiletune.runtime.cli import add_generation_options
 
 
 def _add_model(p, adapter=True):
@@ -39,12 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     _add_model(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true",
-                   help="wrap the prompt in the checkpoint's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=0)
+    add_generation_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="fine-tune with a recipe (LoRA or full)",
@@ -83,9 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>")
-
-
 def _load(args):
     """(model with jnp params, LoRA context or None)."""
     import jax.numpy as jnp
@@ -118,25 +111,18 @@ def cmd_ppl(args) -> int:
                               f"{m.cfg.max_position} positions")
     with Progress(total=windows.size, unit="tok", desc="ppl") as bar:
         ppl, n = perplexity(m.params, m.cfg, windows, progress=bar.update, lora=lctx)
-    print(f"model={m.source} windows={len(windows)} seq_len={args.seq_len} bos={bos is not None}")
+    print(f"model={m.source} windows={len(windows)} seq_len={args.seq_len} bos={bos is not None}",
+          file=sys.stderr)
     print(f"ppl={ppl:.4f} tokens={n}")
     return 0
 
 
 def cmd_generate(args) -> int:
     from mobiletune.inference.generate import generate
+    from mobiletune.runtime.sampling import prompt_ids
     m, lctx = _load(args)
     tok = m.tokenizer
-    if args.chat:
-        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                       add_generation_prompt=True)
-        ids = tok.encode(text, add_special_tokens=False)
-    else:
-        ids = tok.encode(args.prompt, add_special_tokens=tok.adds_bos)
-    stops = {tok.eos_id}
-    if args.chat:  # a chat turn ends with the template's end-of-turn marker
-        stops |= {tok.token_to_id(t) for t in END_OF_TURN}
-    stops.discard(None)
+    ids, stops = prompt_ids(tok, args.prompt, args.chat)
     try:
         out = generate(m.params, m.cfg, ids, args.max_new_tokens, args.temperature, args.seed,
                        stop_ids=stops, lora=lctx)
@@ -161,12 +147,23 @@ def cmd_train(args) -> int:
 
 def cmd_export(args) -> int:
     """The exporter is its own package (the only one that imports TensorFlow); mobiletune
-    never imports it, so it runs as ``python -m export``."""
-    import importlib.util
+    never imports it, so it runs as ``python -m export`` in a child process — with the
+    working directory taken off its import path, so that a user's own ``export.py`` or
+    ``export/`` there is never what runs."""
+    import os
     import subprocess
-    if importlib.util.find_spec("export") is None or importlib.util.find_spec("tensorflow") is None:
-        raise MobiletuneError("export needs the export extra: pip install 'mobiletune[export]'")
-    return subprocess.call([sys.executable, "-m", "export", *args.rest])
+    code = ("import os, runpy, sys; cwd = os.getcwd(); "
+            "sys.path[:] = [p for p in sys.path if p not in ('', '.', cwd)]; "
+            "import importlib.util as u; "
+            "spec = u.find_spec('export'); "
+            "ok = spec is not None and u.find_spec('tensorflow') is not None "
+            "and os.path.isfile(os.path.join(os.path.dirname(spec.origin), 'monolithic_bundle.py')); "
+            "ok or sys.exit('mobiletune: error: export needs the export extra: "
+            "pip install \"mobiletune[export]\"'); "
+            "sys.argv = ['mobiletune export'] + sys.argv[1:]; "
+            "runpy.run_module('export', run_name='__main__', alter_sys=True)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    return subprocess.call([sys.executable, "-c", code, *args.rest], env=env)
 
 
 def cmd_device(args) -> int:
@@ -179,10 +176,15 @@ PASS_THROUGH = {"export": cmd_export, "device": cmd_device}  # they parse their 
 
 def cmd_convert(args) -> int:
     from mobiletune.formats.hf import save_hf_dir
-    from mobiletune.formats.loading import load_model
-    m = load_model(args.gguf)
-    if not m.source.endswith(".gguf"):
-        raise MobiletuneError(f"--gguf {args.gguf!r}: not a GGUF file")
+    from mobiletune.formats.loading import load_model, resolve_model_path
+    path = resolve_model_path(args.gguf)
+    if not path.is_file():
+        raise MobiletuneError(f"--gguf {args.gguf!r}: {path} is not a file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise MobiletuneError(f"--gguf {args.gguf!r}: {path} is not a GGUF file (its first "
+                                  f"bytes are not 'GGUF')")
+    m = load_model(str(path))
     out = save_hf_dir(args.out, m.cfg, m.params, tokenizer=m.tokenizer)
     print(f"wrote {out} ({m.cfg.family}, {m.cfg.num_params:,} params, float32)")
     return 0
@@ -190,11 +192,7 @@ def cmd_convert(args) -> int:
 
 def cmd_assets(args) -> int:
     from mobiletune import assets
-    if args.action == "install":
-        assets.install()
-    else:
-        assets.status()
-    return 0
+    return assets.main([args.action])
 
 
 def main(argv=None) -> int:

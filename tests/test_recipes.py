@@ -10,7 +10,7 @@ from mobiletune.assets.wordnet import definitions
 from mobiletune.cli import main
 from mobiletune.train.recipe import apply_overrides, load_recipe
 from mobiletune.train.trainer import resolve_data
-from tests.conftest import require_asset
+from tests.helpers import require_asset
 from tests.tiny import tiny_gpt2_dir
 
 RECIPES = sorted(Path(__file__).parent.parent.glob("recipes/*.py"))
@@ -25,7 +25,7 @@ def test_the_recipes_are_all_here():
 def test_recipe_loads_and_resolves_its_data(path):
     r = load_recipe(path)
     if "wordnet:define" in r.data:
-        require_asset(lambda _: assets.wordnet_nouns(), "wordnet")
+        require_asset(assets.wordnet_nouns)
     else:
         for spec in r.data + r.val_data:
             require_asset(assets.text_path, spec)
@@ -47,7 +47,7 @@ def test_recipe_runs_on_a_small_model(name, tmp_path):
 
 
 def test_wordnet_definitions_parse_terms_and_glosses():
-    require_asset(lambda _: assets.wordnet_nouns(), "wordnet")
+    require_asset(assets.wordnet_nouns)
     recs = definitions(assets.wordnet_nouns())
     assert len(recs) > 80000
     assert recs[0] == {"prompt": "Define entity", "response": "that which is perceived or known "

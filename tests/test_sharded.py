@@ -4,6 +4,8 @@ device trainer against the desktop trainer, and the weight store's failure modes
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +22,21 @@ from mobiletune.io import safetensors as st  # noqa: E402
 from mobiletune.models.config import ModelConfig  # noqa: E402
 from mobiletune.models.lora import LoraConfig  # noqa: E402
 from mobiletune.programs.sharded import JaxCalls, ShardedModel  # noqa: E402
+from mobiletune.runtime import bundle as B  # noqa: E402
 from mobiletune.runtime.bundle import read_manifest  # noqa: E402
 from mobiletune.runtime.device_trainer import device_train  # noqa: E402
 from mobiletune.runtime.sharded import ShardedRunner  # noqa: E402
 from mobiletune.train.loss import batch_nll  # noqa: E402
 from mobiletune.train.optim import OptimConfig  # noqa: E402
 from mobiletune.train.recipe import Recipe  # noqa: E402
-from mobiletune.train.trainer import build_steps  # noqa: E402
+from mobiletune.train.setup import build_steps  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    PhoneClock,
+    draining_trace,
+    kill_after_steps,
+    losses,
+    require_asset,  # noqa: E402
+)
 from tests.tiny import TINY_HF, tiny_dir_with_gpt2_tokenizer  # noqa: E402
 
 SEQ = 12
@@ -78,20 +88,10 @@ def test_chained_gradient_equals_jax_grad(tmp_path, family, mode):
         assert np.abs(run.grad[k] - g).max() / scale <= 1e-5, k
 
 
-RECIPE = """
-from mobiletune.train.recipe import Recipe
-from mobiletune.models.lora import LoraConfig
-from mobiletune.train.optim import OptimConfig
-recipe = Recipe(name="sharded", model={model!r}, data=({data!r},), seq_len=24, micro_batch=4,
-                accumulation={acc}, steps=10, val_fraction=0.1,
-                lora={lora},
-                optim=OptimConfig(lr=5e-3, warmup_steps=2, weight_decay=0.01, clip_norm={clip}),
-                eval_every=0, checkpoint_every=5)
-"""
 CASES = {  # name: (family, LoRA, accumulation, clip, variants)
-    "gpt2-lora": ("gpt2", "LoraConfig(r=4, alpha=8, target_modules=('c_attn', 'c_fc'))", 1,
-                  1.0, (1, 2, 4)),
-    "gemma3-full": ("gemma3", "None", 2, 0.5, (2, 4)),
+    "gpt2-lora": ("gpt2", LoraConfig(r=4, alpha=8, target_modules=("c_attn", "c_fc")), 1, 1.0,
+                  (1, 2, 4)),
+    "gemma3-full": ("gemma3", None, 2, 0.5, (2, 4)),
 }
 
 
@@ -99,7 +99,6 @@ CASES = {  # name: (family, LoRA, accumulation, clip, variants)
 def sharded_runs(tmp_path_factory):
     """name -> (root, recipe, bundle, device output): exported and trained once."""
     from mobiletune import assets
-    from mobiletune.train.recipe import load_recipe
     root = tmp_path_factory.mktemp("sharded")
     data = root / "data.txt"
     data.write_text(assets.read_text("botchan")[:20000], encoding="utf-8")
@@ -110,20 +109,17 @@ def sharded_runs(tmp_path_factory):
             family, lora, acc, clip, variants = CASES[name]
             d = root / name
             model = tiny_dir_with_gpt2_tokenizer(d / "model", family)
-            rfile = d / "recipe.py"
-            rfile.write_text(RECIPE.format(model=str(model), data=str(data), acc=acc, lora=lora,
-                                           clip=clip))
-            recipe = load_recipe(rfile)
+            recipe = Recipe(name="sharded", model=str(model), data=(str(data),), seq_len=24,
+                            micro_batch=4, accumulation=acc, steps=10, val_fraction=0.1,
+                            lora=lora, optim=OptimConfig(lr=5e-3, warmup_steps=2,
+                                                         weight_decay=0.01, clip_norm=clip),
+                            eval_every=0, checkpoint_every=5)
             export_sharded(recipe, d / "bundle", variants)
             run = device_train(d / "bundle", [data], d / "device", battery="none")
             assert run.finished and run.step == 10
             cache[name] = (d, recipe, d / "bundle", d / "device")
         return cache[name]
     return get
-
-
-def losses(metrics) -> list[float]:
-    return [json.loads(x)["loss"] for x in metrics.read_text().splitlines() if '"loss"' in x]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -133,7 +129,7 @@ def test_sharded_device_tracks_desktop(sharded_runs, name):
     from mobiletune.train.trainer import train
     d, recipe, _, dev = sharded_runs(name)
     train(recipe, d / "desktop")
-    ld, lp = losses(d / "desktop" / "metrics.jsonl"), losses(dev / "metrics.jsonl")
+    ld, lp = losses(d / "desktop"), losses(dev)
     assert len(ld) == len(lp) == 10
     assert max(abs(a - b) for a, b in zip(ld, lp)) <= 1e-4, (ld, lp)
     if recipe.lora is not None:
@@ -151,16 +147,9 @@ def test_variants_switch_pause_and_resume_end_equal(sharded_runs, tmp_path):
     """A draining battery trace switches micro-batch variants (4, 2, 1) and pauses; then a
     run stopped after 3 steps and resumed from its checkpoint: both end where the
     unconstrained run did (the same data, cut differently into micro-batches)."""
-    from mobiletune.runtime.energy.battery import SimClock
-
-    class PhoneClock(SimClock):
-        def advance(self, s):
-            self.t += 60.0
     d, _, bundle, dev = sharded_runs("gpt2-lora")
     data = d.parent / "data.txt"
-    trace = tmp_path / "trace.csv"
-    trace.write_text("time,level,charging,temperature\n0,90,false,30\n120,60,false,33\n"
-                     "240,35,false,36\n350,15,false,36\n3600,30,true,34\n")
+    trace = draining_trace(tmp_path / "trace.csv")
     out = tmp_path / "battery"
     r = device_train(bundle, [data], out, battery=f"trace:{trace}", clock=PhoneClock())
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -181,18 +170,18 @@ def test_float16_store_halves_the_bundle(tmp_path, sharded_runs):
     d, recipe, bundle, _ = sharded_runs("gpt2-lora")
     export_sharded(dataclasses.replace(recipe), tmp_path / "b16", (4,), store_dtype="float16",
                    verify=False)
-    w32 = (bundle / "weights.safetensors").stat().st_size
-    w16 = (tmp_path / "b16" / "weights.safetensors").stat().st_size
+    w32 = (bundle / B.WEIGHTS).stat().st_size
+    w16 = (tmp_path / "b16" / B.WEIGHTS).stat().st_size
     assert 0.49 < w16 / w32 < 0.51
     m = read_manifest(tmp_path / "b16")
-    assert m.sharded["store_dtype"] == "float16"
+    assert m.sharded.store_dtype == "float16"
 
 
 def test_memory_budget_caches_weights_and_changes_nothing(sharded_runs, tmp_path):
     """With a budget the runner keeps widened layer weights between the passes (an LRU
     cache); the result is the same computation."""
-    from mobiletune.runtime.litert import BundleRunner
     from mobiletune.runtime.metrics import rss_mb
+    from mobiletune.runtime.runner import open_bundle
     d, _, bundle, dev = sharded_runs("gpt2-lora")
     out = tmp_path / "budget"
     budget = rss_mb() + 1024  # this test process is large (pytest, JAX, TF): 1 GB headroom
@@ -202,37 +191,37 @@ def test_memory_budget_caches_weights_and_changes_nothing(sharded_runs, tmp_path
     b = st.load(out / "adapter" / "adapter_model.safetensors")
     for k in a:
         np.testing.assert_array_equal(b[k], a[k], err_msg=k)
-    r = BundleRunner.open(bundle, memory_budget_mb=budget)
+    r = open_bundle(bundle, memory_budget_mb=budget)
     z = np.zeros((4, 24), np.int32)
     r.accumulate({"inputs": z, "targets": z, "loss_mask": np.ones((4, 24), np.float32)})
     r.accumulate({"inputs": z, "targets": z, "loss_mask": np.ones((4, 24), np.float32)})
-    assert r._cache, "nothing was cached under a generous budget"
+    assert r.cache.bytes > 0, "nothing was cached under a generous budget"
 
 
 def test_damaged_weight_store_is_refused_by_name(sharded_runs, tmp_path):
     import shutil
 
     from mobiletune.runtime.bundle import BundleError
-    from mobiletune.runtime.litert import BundleRunner
+    from mobiletune.runtime.runner import open_bundle
     _, _, bundle, _ = sharded_runs("gpt2-lora")
     bad = tmp_path / "bad"
     shutil.copytree(bundle, bad)
-    p = bad / "weights.safetensors"
+    p = bad / B.WEIGHTS
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
     with pytest.raises(BundleError, match="weights.safetensors"):
-        BundleRunner.open(bad)
+        open_bundle(bad)
     with pytest.raises(BundleError, match="weights.safetensors.*truncated"):
-        BundleRunner.open(bad, verify=False)
+        open_bundle(bad, verify=False)
 
 
 def test_sharded_infer_equals_the_jax_forward(sharded_runs):
     """``infer`` (block chain with micro-batch 1, head on the host) gives the model's
     next-token logits: within 1e-4 of ``models.forward`` on the trained adapter."""
     from mobiletune.formats.peft import load_adapter
-    from mobiletune.runtime.litert import BundleRunner
+    from mobiletune.runtime.runner import open_bundle
     d, recipe, bundle, dev = sharded_runs("gpt2-lora")
     m = load_model(recipe.model)
-    r = BundleRunner.open(bundle, state=st.load(dev / "state.safetensors", mmap=False))
+    r = open_bundle(bundle, state=st.load(dev / "state.safetensors", mmap=False))
     tokens = [464, 3290, 318, 257, 1332, 286]
     got = r.infer(tokens, len(tokens) - 1)
     lcfg, lora_params = load_adapter(dev / "adapter", m.cfg)
@@ -246,14 +235,13 @@ def test_real_smollm2_sharded_step_equals_desktop(tmp_path):
     """Real weights: a sharded SmolLM2-135M bundle's first micro-batch NLL and LoRA
     gradients (LiteRT chain) against the desktop JAX step on the same batch."""
     from mobiletune import assets
-    from mobiletune.runtime.litert import BundleRunner
-    from tests.conftest import require_asset
+    from mobiletune.runtime.runner import open_bundle
     require_asset(assets.model_path, "smollm2-135m")
     r = Recipe(name="real", model="smollm2-135m", data=("unused",), seq_len=64, micro_batch=2,
                steps=10, lora=LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj")),
                optim=OptimConfig(lr=1e-3, warmup_steps=0))
     export_sharded(r, tmp_path / "b", (2,), verify=False)
-    run = BundleRunner.open(tmp_path / "b")
+    run = open_bundle(tmp_path / "b")
     m = load_model(r.model, seed=r.seed)
     ids = np.asarray(m.tokenizer.encode("To be, or not to be, that is the question: " * 12)
                      [: 2 * 65], np.int32).reshape(2, 65)
@@ -273,17 +261,20 @@ def test_real_smollm2_sharded_step_equals_desktop(tmp_path):
 def test_kill_nine_then_resume_equals_uninterrupted(sharded_runs, tmp_path):
     """kill -9 at two moments of a 24-step run + ``--resume`` (checkpoints every step):
     the per-shard state and every step's loss equal the uninterrupted run's bit for bit."""
-    from tests.test_device import kill_at
     d, _, bundle, dev = sharded_runs("gpt2-lora")
     data = d.parent / "data.txt"
     ref = tmp_path / "ref"
     device_train(bundle, [data], ref, steps=24, battery="none")
     out = tmp_path / "killed"
-    kill_at(bundle, data, out, (4, 13))
+    cmd = [sys.executable, "-m", "mobiletune.runtime", "train", str(bundle), "--data", str(data),
+           "--out", str(out), "--battery", "none", "--checkpoint-every", "1", "--steps", "24"]
+    kill_after_steps(lambda resume: subprocess.Popen(
+        cmd + (["--resume"] if resume else []), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL), out, (4, 13))
     assert device_train(bundle, [data], out, steps=24, battery="none", resume=True).finished
     a, b = st.load(ref / "state.safetensors"), st.load(out / "state.safetensors")
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
-    assert losses(ref / "metrics.jsonl") == losses(out / "metrics.jsonl")
+    assert losses(ref) == losses(out)
 
 
 def test_tokens_outside_the_models_vocabulary_are_refused(tmp_path):

@@ -3,11 +3,8 @@ and real text: outputs that PEFT and transformers load, exact resume after kill 
 recipe overrides and their errors."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,21 +16,11 @@ from mobiletune.errors import MobiletuneError
 from mobiletune.formats.hf import load_hf_dir
 from mobiletune.formats.peft import load_adapter
 from mobiletune.io import safetensors as st
-from mobiletune.models import lora
 from mobiletune.models.lora import LoraConfig
 from mobiletune.train.optim import OptimConfig
 from mobiletune.train.recipe import Recipe, apply_overrides
+from tests.helpers import kill_after_steps, losses, write_recipe
 from tests.tiny import tiny_gpt2_dir, torch_logits
-
-RECIPE = """
-from mobiletune.train.recipe import Recipe
-from mobiletune.models.lora import LoraConfig
-from mobiletune.train.optim import OptimConfig
-recipe = Recipe(name="tiny", model={model!r}, data=("botchan",), seq_len=32, micro_batch=2,
-                accumulation=2, steps=6, lora=LoraConfig(r=4, alpha=8, dropout=0.1),
-                optim=OptimConfig(lr=1e-2, warmup_steps=2), eval_every=3, eval_batches=2,
-                checkpoint_every=2)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +30,11 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def recipe_file(model_dir, tmp_path_factory):
-    p = tmp_path_factory.mktemp("recipes") / "tiny.py"
-    p.write_text(RECIPE.format(model=str(model_dir)))
-    return p
+    return write_recipe(tmp_path_factory.mktemp("recipes") / "tiny.py", Recipe(
+        name="tiny", model=str(model_dir), data=("botchan",), seq_len=32, micro_batch=2,
+        accumulation=2, steps=6, lora=LoraConfig(r=4, alpha=8, dropout=0.1),
+        optim=OptimConfig(lr=1e-2, warmup_steps=2), eval_every=3, eval_batches=2,
+        checkpoint_every=2))
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +62,7 @@ def test_trained_adapter_and_merged_model_agree_with_peft_and_transformers(lora_
     lcfg, ad = load_adapter(lora_run / "adapter", cfg)
     assert any(np.abs(v).max() > 0 for k, v in ad.items() if "lora_B" in k)  # it trained
     toks = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 10)).astype(np.int32)
-    ours, _ = models.forward({k: jnp.asarray(v) for k, v in lora.combine(base, ad).items()},
+    ours, _ = models.forward({k: jnp.asarray(v) for k, v in {**base, **ad}.items()},
                              cfg, jnp.asarray(toks), lora=lcfg.ctx())
     tm = AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
     pm = PeftModel.from_pretrained(tm, lora_run / "adapter").eval()
@@ -101,26 +90,14 @@ def test_resume_after_kill_equals_uninterrupted_run(recipe_file, tmp_path):
     assert main(["train", str(recipe_file), "--out", str(ref), *sets]) == 0
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "mobiletune", "train", str(recipe_file), "--out", str(out), *sets]
-    for kill_at in (7, 13, 22):
-        proc = subprocess.Popen(cmd + (["--resume"] if kill_at != 7 else []),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            m = out / "metrics.jsonl"
-            n = sum(1 for x in m.read_text().splitlines() if '"loss"' in x) if m.exists() else 0
-            if n >= kill_at:
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_after_steps(lambda resume: subprocess.Popen(
+        cmd + (["--resume"] if resume else []), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL), out, (7, 13, 22))
     assert main(["train", str(recipe_file), "--out", str(out), "--resume", *sets]) == 0
     a = st.load(ref / "adapter" / "adapter_model.safetensors")
     b = st.load(out / "adapter" / "adapter_model.safetensors")
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
-    la = [json.loads(x)["loss"] for x in (ref / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    lb = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    assert la == lb and len(la) == 40
+    assert losses(ref) == losses(out) and len(losses(ref)) == 40
 
 
 def test_full_fine_tuning_saves_a_transformers_checkpoint(recipe_file, tmp_path):

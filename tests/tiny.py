@@ -92,3 +92,28 @@ def tiny_gpt2_dir(path, seed: int = 0, n_layer: int = 2, n_embd: int = 48):
     tok = Tokenizer.from_gpt2_files(f["vocab.json"], f["merges.txt"])
     save_hf_dir(path, cfg, params, tokenizer=tok)
     return path
+
+
+def tiny_recipe(model_dir, family: str = "llama", mode: str = "lora", micro_batch: int = 2,
+                seq_len: int = 12, **kw):
+    """A recipe over ``TINY_HF[family]`` saved (random init, norms off identity) to
+    ``model_dir`` with GPT-2's tokenizer: LoRA on every linear layer, or full fine-tuning."""
+    import jax
+
+    from mobiletune import models
+    from mobiletune.formats.hf import save_hf_dir
+    from mobiletune.formats.loading import preset_tokenizer
+    from mobiletune.models.config import ModelConfig
+    from mobiletune.train.recipe import LoraConfig, OptimConfig, Recipe
+    cfg = ModelConfig.from_hf_config(TINY_HF[family])
+    params = models.init_params(cfg, jax.random.PRNGKey(0))
+    params = {k: (v + 0.1 * jax.random.normal(jax.random.PRNGKey(len(k)), v.shape)
+                  if "norm" in k or "ln_" in k else v) for k, v in params.items()}
+    save_hf_dir(model_dir, cfg, {k: np.asarray(v) for k, v in params.items()},
+                tokenizer=preset_tokenizer("gpt2"))
+    return Recipe(**{"name": "tiny", "model": str(model_dir), "data": ("unused",),
+                     "seq_len": seq_len, "micro_batch": micro_batch, "steps": 100,
+                     "lora": LoraConfig(r=4, alpha=8, target_modules="all-linear")
+                     if mode == "lora" else None,
+                     "optim": OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant",
+                                          weight_decay=0.01), **kw})

@@ -335,19 +335,17 @@ def status(verbose: bool = True) -> dict[str, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m mobiletune.assets install|status`` (and ``mobiletune assets``): exit 0 when
+    done / all present, 1 when ``status`` finds an asset missing, 2 on an error."""
     args = sys.argv[1:] if argv is None else argv
     if args == ["install"]:
         try:
             install(verbose=True)
         except MobiletuneError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+            print(f"mobiletune: error: {e}", file=sys.stderr)
+            return 2
         return 0
     if args == ["status"]:
         return 0 if all(status(verbose=True).values()) else 1
     print("usage: python -m mobiletune.assets {install|status}", file=sys.stderr)
     return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,21 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mobiletune import models
+from mobiletune.runtime.sampling import sample
 
 
 @partial(jax.jit, static_argnums=(1, 4))
 def _step(params, cfg, tokens, cache, lora=None):
     logits, cache = models.forward(params, cfg, tokens, cache, lora)
     return logits[:, -1], cache                                        # (B, V)
-
-
-def sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0, otherwise a draw from softmax(logits / temperature)."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    return int(rng.choice(len(p), p=p / p.sum()))
 
 
 def generate(params, cfg, prompt_ids, max_new_tokens: int = 32, temperature: float = 0.0,

@@ -18,9 +18,9 @@ import numpy as np
 from mobiletune.errors import MobiletuneError
 from mobiletune.io.atomic import atomic_writer
 
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
 class SafetensorsError(MobiletuneError, ValueError):
@@ -73,7 +73,7 @@ def load(path: str | Path, names=None, mmap: bool = True) -> dict[str, np.ndarra
     out = {}
     for name in wanted:
         e = header[name]
-        dt = _bf16() if e["dtype"] == "BF16" else _DTYPES.get(e["dtype"])
+        dt = _bf16() if e["dtype"] == "BF16" else DTYPES.get(e["dtype"])
         if dt is None:
             raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {e['dtype']}")
         b, en = e["data_offsets"]

@@ -1,9 +1,9 @@
 """The bundle's signatures as pure JAX functions over a flat, named state.
 
 This is the JAX reference of a training bundle: ``export/`` traces exactly these functions
-into LiteRT, and the tests run them side by side with the LiteRT interpreter. Names follow
-the contract in ``mobiletune.runtime.bundle`` (``trainable/…``, ``opt/…``, ``acc/…``,
-``acc_nll``, ``acc_count``, ``frozen/…``).
+into LiteRT, and the tests run them side by side with the LiteRT interpreter. State names
+are the contract's (``mobiletune.runtime.bundle``); the optimizer step count is the state's
+explicit ``step`` tensor.
 
 Every function takes ``(state, frozen, *inputs)`` and returns ``(state updates, outputs)``:
 dicts keyed by contract names, so the TF module assigns the updates to its variables.
@@ -17,6 +17,7 @@ import numpy as np
 
 from mobiletune import models
 from mobiletune.errors import MobiletuneError
+from mobiletune.runtime import bundle as B
 from mobiletune.runtime.bundle import TensorSpec
 from mobiletune.train.step import Accum, Steps, TrainState
 
@@ -43,7 +44,7 @@ class Program:
         self.frozen_names = sorted(frozen)
         opt0 = steps.optimizer.init(trainable)
         paths, self.opt_treedef = jax.tree_util.tree_flatten_with_path(opt0)
-        self.opt_names = ["opt/" + leaf_path(p) for p, _ in paths]
+        self.opt_names = [B.opt_name(leaf_path(p)) for p, _ in paths]
         if len(set(self.opt_names)) != len(self.opt_names):
             raise MobiletuneError("optimizer state has colliding leaf names")
         self._opt0 = [leaf for _, leaf in paths]
@@ -51,12 +52,13 @@ class Program:
 
     # --- the state layout ---------------------------------------------------------------
     def initial_state(self) -> dict[str, np.ndarray]:
-        s = {f"trainable/{k}": np.asarray(self._trainable0[k]) for k in self.trainable_names}
+        s = {B.trainable_name(k): np.asarray(self._trainable0[k]) for k in self.trainable_names}
         s.update({n: np.asarray(v) for n, v in zip(self.opt_names, self._opt0)})
-        s.update({f"acc/{k}": np.zeros_like(np.asarray(self._trainable0[k]))
+        s.update({B.acc_name(k): np.zeros_like(np.asarray(self._trainable0[k]))
                   for k in self.trainable_names})
-        s["acc_nll"] = np.zeros((), np.float32)
-        s["acc_count"] = np.zeros((), np.float32)
+        s[B.ACC_NLL] = np.zeros((), np.float32)
+        s[B.ACC_COUNT] = np.zeros((), np.float32)
+        s[B.STEP] = np.zeros((), np.int32)
         return s
 
     def state_specs(self) -> tuple[TensorSpec, ...]:
@@ -64,35 +66,30 @@ class Program:
                      for n, v in sorted(self.initial_state().items()))
 
     def frozen_specs(self, frozen: dict) -> tuple[TensorSpec, ...]:
-        return tuple(TensorSpec(f"frozen/{k}", tuple(np.shape(frozen[k])),
+        return tuple(TensorSpec(B.frozen_name(k), tuple(np.shape(frozen[k])),
                                 str(np.asarray(frozen[k]).dtype)) for k in self.frozen_names)
 
     def _unpack(self, state) -> tuple[TrainState, Accum]:
-        tr = {k: state[f"trainable/{k}"] for k in self.trainable_names}
+        tr = {k: state[B.trainable_name(k)] for k in self.trainable_names}
         opt = jax.tree.unflatten(self.opt_treedef, [state[n] for n in self.opt_names])
-        step = jnp.asarray(self._opt_count(opt), jnp.int32)
-        acc = Accum({k: state[f"acc/{k}"] for k in self.trainable_names}, state["acc_nll"],
-                    state["acc_count"])
-        return TrainState(tr, opt, step), acc
-
-    def _opt_count(self, opt):
-        counts = [leaf for n, leaf in zip(self.opt_names, jax.tree.leaves(opt))
-                  if n.endswith("/count")]
-        return counts[-1] if counts else 0
+        acc = Accum({k: state[B.acc_name(k)] for k in self.trainable_names}, state[B.ACC_NLL],
+                    state[B.ACC_COUNT])
+        return TrainState(tr, opt, state[B.STEP]), acc
 
     def _pack_train(self, ts: TrainState) -> dict:
-        out = {f"trainable/{k}": ts.trainable[k] for k in self.trainable_names}
+        out = {B.trainable_name(k): ts.trainable[k] for k in self.trainable_names}
         out.update(dict(zip(self.opt_names, jax.tree.leaves(ts.opt_state))))
+        out[B.STEP] = jnp.asarray(ts.step, jnp.int32)
         return out
 
     def _pack_acc(self, acc: Accum) -> dict:
-        out = {f"acc/{k}": acc.grads[k] for k in self.trainable_names}
-        out.update(acc_nll=acc.nll, acc_count=acc.count)
+        out = {B.acc_name(k): acc.grads[k] for k in self.trainable_names}
+        out.update({B.ACC_NLL: acc.nll, B.ACC_COUNT: acc.count})
         return out
 
     @staticmethod
     def _frozen(frozen) -> dict:
-        return {k[len("frozen/"):]: v for k, v in frozen.items()}
+        return B.frozen_part(frozen)
 
     # --- signatures -----------------------------------------------------------------------
     def accumulate(self, state, frozen, inputs, targets, loss_mask):
@@ -107,7 +104,7 @@ class Program:
         new, loss = self.steps.apply(ts, acc)
         upd = self._pack_train(new)
         upd.update(self._pack_acc(self.steps.zero_accum(ts.trainable)))
-        return upd, {"loss": loss, "step": self._opt_count(new.opt_state).astype(jnp.int32)}
+        return upd, {"loss": loss, "step": jnp.asarray(new.step, jnp.int32)}
 
     def train_step(self, state, frozen, inputs, targets, loss_mask):
         ts, _ = self._unpack(state)

@@ -35,10 +35,10 @@ from mobiletune.errors import MobiletuneError
 from mobiletune.models import layers as L
 from mobiletune.models.layers import NEG_INF
 from mobiletune.programs.monolithic import leaf_path
-from mobiletune.runtime.bundle import Signature, TensorSpec, signature_shape
+from mobiletune.runtime import bundle as B
+from mobiletune.runtime.bundle import G, S, Signature, TensorSpec, W, signature_shape
 from mobiletune.train.optim import OptimConfig, decay_mask, make_optimizer
 
-W, G, S = "w__", "g__", "s__"       # input/output name prefixes: weights, gradients, opt state
 NO_WINDOW = 1 << 30                  # "global" attention as a window no sequence reaches
 
 
@@ -102,20 +102,20 @@ class ShardedModel:
         for k in self.trainable:
             name = f"{shard_of.get(k, 'outer')}.{'decay' if mask[k] else 'nodecay'}"
             out.setdefault(name, []).append(k)
-        return [{"name": n, "tensors": ts, "signature": "opt_" + n.rsplit(".", 1)[1],
-                 "size": int(sum(np.prod(self.shapes[t]) for t in ts))}
+        return [B.OptGroup(n, tuple(ts), n.rsplit(".", 1)[1],
+                           int(sum(np.prod(self.shapes[t]) for t in ts)))
                 for n, ts in sorted(out.items())]
 
     def opt_kinds(self) -> list[str]:
-        """The optimizer signatures the groups use: ``decay`` and/or ``nodecay``."""
-        return sorted({g["signature"][len("opt_"):] for g in self.groups})
+        """The optimizers the groups use: ``decay`` and/or ``nodecay``."""
+        return sorted({g.optimizer for g in self.groups})
 
     # --- opt state layout -------------------------------------------------------------
-    def opt_leaves(self, which: str) -> list[tuple[str, tuple, str]]:
-        """(leaf name, shape, dtype) of the optimizer state for one chunk vector."""
+    def opt_leaves(self, which: str) -> tuple[B.OptLeaf, ...]:
+        """The optimizer state's leaves for one chunk vector."""
         st = self.opt[which].init({"p": jnp.zeros((self.opt_chunk,), jnp.float32)})
         paths, _ = jax.tree_util.tree_flatten_with_path(st)
-        return [(leaf_path(p), tuple(v.shape), str(v.dtype)) for p, v in paths]
+        return tuple(B.OptLeaf(leaf_path(p), tuple(v.shape), str(v.dtype)) for p, v in paths)
 
     # --- signature functions ------------------------------------------------------------
     def _lora(self):
@@ -216,8 +216,8 @@ class ShardedModel:
                     dh, gw = self.block_bwd(kw["h"], kw["dh"], attn_of(kw),
                                             {r: kw[W + r] for r in fr}, {r: kw[W + r] for r in tr})
                     return {"dh": dh, **{G + r: v for r, v in gw.items()}}
-                out[f"block_fwd_{kind}_b{k}"] = (fwd, [hs, *attn_specs, *ws])
-                out[f"block_bwd_{kind}_b{k}"] = (bwd, [hs, TensorSpec("dh", (k, t, d), f32),
+                out[B.block_fwd_sig(kind, k)] = (fwd, [hs, *attn_specs, *ws])
+                out[B.block_bwd_sig(kind, k)] = (bwd, [hs, TensorSpec("dh", (k, t, d), f32),
                                                        *attn_specs, *ws])
             ns = [TensorSpec(W + n, tuple(self.shapes[n]), f32) for n in self.norm_names]
 
@@ -228,14 +228,14 @@ class ShardedModel:
                 dh, gw = self.norm_bwd(kw["h"], kw["dhn"], {n: kw[W + n] for n in norm_fr},
                                        {n: kw[W + n] for n in norm_tr})
                 return {"dh": dh, **{G + n: v for n, v in gw.items()}}
-            out[f"norm_fwd_b{k}"] = (nfwd, [hs, *ns])
-            out[f"norm_bwd_b{k}"] = (nbwd, [hs, TensorSpec("dhn", (k, t, d), f32), *ns])
+            out[B.norm_fwd_sig(k)] = (nfwd, [hs, *ns])
+            out[B.norm_bwd_sig(k)] = (nbwd, [hs, TensorSpec("dhn", (k, t, d), f32), *ns])
             head_in = [TensorSpec("hn", (k, t, d), f32), TensorSpec("w", (vc, d), f32),
                        TensorSpec("col_valid", (vc,), f32), TensorSpec("labels", (k, t), "int32")]
-            out[f"head_fwd_b{k}"] = (lambda kw: self.head_fwd(
+            out[B.head_fwd_sig(k)] = (lambda kw: self.head_fwd(
                 kw["hn"], kw["w"], kw["col_valid"], kw["labels"]), head_in)
             if self.head_trainable:
-                out[f"head_wgrad_b{k}"] = (lambda kw: {"g": self.head_wgrad(
+                out[B.head_wgrad_sig(k)] = (lambda kw: {"g": self.head_wgrad(
                     kw["hn"], kw["w"], kw["col_valid"], kw["labels"], kw["lse"], kw["mask"])},
                     head_in + [TensorSpec("lse", (k, t), f32), TensorSpec("mask", (k, t), f32)])
         c = self.opt_chunk
@@ -244,23 +244,30 @@ class ShardedModel:
 
             def upd(kw, which=which, leaves=leaves):
                 p, new = self.opt_update(which, kw["p"], kw["g"],
-                                         {n: kw[S + n] for n, _, _ in leaves})
+                                         {x.name: kw[S + x.name] for x in leaves})
                 return {"p": p, **{S + n: v for n, v in new.items()}}
-            out["opt_" + which] = (upd, [TensorSpec("p", (c,), f32), TensorSpec("g", (c,), f32),
-                                         *[TensorSpec(S + n, s, dt) for n, s, dt in leaves]])
+            out[B.opt_sig(which)] = (upd, [TensorSpec("p", (c,), f32), TensorSpec("g", (c,), f32),
+                                           *[TensorSpec(S + x.name, x.shape, x.dtype)
+                                             for x in leaves]])
         return out
 
-    def layout(self, store_dtype: str) -> dict:
+    def layout(self, store_dtype: str) -> B.ShardedLayout:
         """The manifest's ``sharded`` section (read by ``mobiletune.runtime.sharded``)."""
-        return {"store_dtype": store_dtype, "vocab_chunk": self.vocab_chunk,
-                "opt_chunk": self.opt_chunk, "layers": self.layers, "kinds": self.kinds,
-                "embed": self.embed_name, "head": self.head, "norm": self.norm_names,
-                "positions": "transformer.wpe.weight" if self.cfg.family == "gpt2" else None,
-                "embed_scale": (self.cfg.hidden_size ** 0.5 if self.cfg.family == "gemma3"
-                                else None),
-                "clip_norm": self.optim.clip_norm, "groups": self.groups,
-                "opt_leaves": {w: [[n, list(s), dt] for n, s, dt in self.opt_leaves(w)]
-                               for w in self.opt_kinds()}}
+        return B.ShardedLayout(
+            store_dtype=store_dtype, vocab_chunk=self.vocab_chunk, opt_chunk=self.opt_chunk,
+            layers=tuple(B.LayerEntry(x["prefix"], x["kind"],
+                                      None if x["attn"] is None else tuple(x["attn"]))
+                         for x in self.layers),
+            kinds={k: B.BlockKind(tuple(v["frozen"]), tuple(v["trainable"]))
+                   for k, v in self.kinds.items()},
+            embed=self.embed_name, head=self.head, norm=tuple(self.norm_names),
+            positions="transformer.wpe.weight" if self.cfg.family == "gpt2" else None,
+            embed_scale=(self.cfg.hidden_size ** 0.5 if self.cfg.family == "gemma3" else None),
+            clip_norm=self.optim.clip_norm, groups=tuple(self.groups),
+            opt_leaves={w: self.opt_leaves(w) for w in self.opt_kinds()})
+
+    def state_specs(self, store_dtype: str = "float32") -> tuple[TensorSpec, ...]:
+        return self.layout(store_dtype).state_specs({t: self.shapes[t] for t in self.trainable})
 
 
 def signature_meta(sm: ShardedModel, variants) -> list[Signature]:

@@ -1,91 +1,262 @@
 """The training bundle: the one written contract between the exporter and the phone.
 
-A bundle is a directory::
+Every name, signature, layout and file of a bundle is spelled here and nowhere else; the
+exporter (``export/``, ``mobiletune.programs``) writes what this module describes and the
+runtime reads it through this module. Standard library only (it runs on the phone).
 
-    manifest.json           this module's ``Manifest`` (JSON, versioned)
+Files (``FILE_ROLES`` name them in ``Manifest.files`` with size and sha256)::
+
+    manifest.json           ``Manifest`` (JSON, versioned; validated whole on load)
     program.tflite          builtin-ops-only LiteRT program with the signatures below
-    base.safetensors        frozen base weights (LoRA) — set once through ``set_frozen``
-    state.safetensors       initial trainable state (params, optimizer state, counters)
+    state.safetensors       initial state (tensors that start at zero are left out)
+    base.safetensors        monolithic LoRA: the frozen base weights, for ``set_frozen``
+    weights.safetensors     sharded: every frozen weight, memory-mapped by the phone
     tokenizer.json, tokenizer_config.json
+    report.json             what the exporter measured (not part of the contract)
 
-Every signature reads and writes one shared set of resource variables (the *state*), so
-micro-batch variants can be switched at any step. State tensor names are grouped by prefix:
-``frozen/<hf name>``, ``trainable/<hf name>``, ``opt/<optax path>``, ``acc/<hf name>``
-(summed gradients), ``acc_nll``, ``acc_count`` (accumulated summed NLL and token count).
+State (the names ``get_state`` returns, ``set_state`` takes and checkpoints hold):
+``trainable/<hf name>`` the trained tensors, ``acc/<hf name>`` their summed gradients,
+``opt/<path>`` the optimizer state (monolithic: the optax tree path; sharded:
+``opt/<group>/<leaf>``), ``acc_nll`` / ``acc_count`` the accumulated summed NLL and token
+count, ``step`` the optimizer steps taken (int32). ``frozen/<hf name>``: what
+``set_frozen`` takes. Build and read names only with ``trainable_name`` & co.
 
-Signatures (``k`` = a micro-batch variant, ``T`` = ``seq_len``):
+Monolithic signatures (``k`` a micro-batch variant, ``T`` = ``seq_len``), all over one
+set of resource variables, so variants can be switched at any step:
   ``train_step_b{k}(inputs, targets, loss_mask) -> loss``        one optimizer step
   ``accumulate_b{k}(inputs, targets, loss_mask) -> nll, count``  add grads to acc/*
   ``apply() -> loss, step``              optimizer on acc/count, then zero acc/*
   ``eval_b{k}(inputs, targets, loss_mask) -> nll, count``        no update
-  ``infer(tokens[1,T], last[]) -> logits[V]``                    next-token logits at ``last``
-  ``get_state() -> {name: tensor}`` / ``set_state({name: tensor})``  trainable + opt + acc
-  ``set_frozen({name: tensor})``         load the base weights (LoRA)
+  ``infer(tokens[1,T], last[1]) -> logits[V]``                   next-token logits at ``last``
+  ``get_state()`` / ``set_state(<input_name(state name)>...)`` / ``set_frozen(...)``
 inputs/targets are int32 (k, T); loss_mask float32 (k, T). The loss of an optimizer step is
-the summed NLL over counted tokens of the effective batch / their number, as on the desktop.
+the summed NLL over counted tokens of the effective batch / their number.
 
-A *sharded* bundle (``Manifest.sharded`` set; schema 2) has no variables and no frozen
-section: its program holds per-block signatures that take the weights as inputs
-(``block_fwd_<kind>_b{k}``, ``block_bwd_<kind>_b{k}``, ``norm_fwd/_bwd_b{k}``,
-``head_fwd_b{k}``, ``head_wgrad_b{k}``, ``opt_decay`` / ``opt_nodecay``; see
-``mobiletune.programs.sharded``), the base weights are in ``weights.safetensors`` (float32 or float16,
-memory-mapped by the phone), and ``state`` names ``trainable/…``, ``acc/…``,
-``opt/<group>/<leaf>`` (flattened per optimizer group), ``acc_nll``, ``acc_count``. The
-``sharded`` section gives the layers (HF prefix, block kind, attention inputs), the kinds'
-frozen and trainable tensor names, the embedding / norm / head names, the vocabulary and
-optimizer chunk sizes, the optimizer groups and their state leaves, and ``clip_norm``.
+Sharded signatures take the weights as inputs (``W`` prefix; gradients come out with
+``G``, optimizer state with ``S``) and hold no variables; the host keeps the state:
+``block_fwd_<kind>_b{k}``, ``block_bwd_<kind>_b{k}``, ``norm_fwd_b{k}``, ``norm_bwd_b{k}``,
+``head_fwd_b{k}``, ``head_wgrad_b{k}`` (when the head trains), ``opt_<optimizer>``. The
+``ShardedLayout`` says which layers use which block kind, the embedding / norm / head names,
+the vocabulary and optimizer chunk sizes, the optimizer groups and their state leaves.
 
-Scalars never cross a signature boundary as 0-d tensors (schema 3). A scalar input
-(``infer``'s ``last``, the optimizer step ``count``, ``acc_nll``/``acc_count`` in
-``set_state``, the sharded block's ``rope_theta``/``rope_factor``/``window``) is declared
-with shape ``(1,)`` in the program and reshaped to ``()`` inside it; the state itself keeps
-its logical shapes (``state`` specs, ``state.safetensors`` and checkpoints hold 0-d
-tensors), and the runner widens a 0-d value to ``(1,)`` when it calls a signature. Why:
-every call through LiteRT's Python ``SignatureRunner`` resizes each input to the given
-array's shape, and ai-edge-litert 2.3.0's aarch64 build of
-``InterpreterWrapper::ResizeInputTensor`` fills a 0-length shape vector with
-``memset(p + 4, 0, 4·n - 4)``, i.e. ~2^64 bytes for n = 0: a segfault on every arm64 phone,
-while the x86-64 build happens to tolerate it. A contract that holds on one architecture's
-build only is no contract, so no shape in it is 0-d at a boundary
-(``signature_shape``), the manifest is refused if one is (``Manifest.from_dict``), and the
-runner refuses a program that declares one. Bundles of schema 1 and 2 had 0-d inputs: they
-are refused with the command that re-exports them.
+Scalars never cross a signature boundary as 0-d tensors: a scalar input is declared with
+shape ``(1,)`` in the program and reshaped inside it (``signature_shape``); the state keeps
+its logical shapes. Why: every call through LiteRT's Python ``SignatureRunner`` resizes each
+input to the given array's shape, and ai-edge-litert 2.3.0's aarch64 build of
+``InterpreterWrapper::ResizeInputTensor`` clears a 0-length shape vector with
+``memset(p + 4, 0, 4·n - 4)``, ~2^64 bytes for n = 0: a segfault on every arm64 phone, while
+the x86-64 build happens to tolerate it. So the manifest is refused if a signature declares
+a 0-d input, and the runner refuses a program that does.
 
-This module imports only the standard library (it runs on the phone and in the exporter).
+Schema 4 (this one) added the explicit ``step`` counter and the typed ``steps``,
+``hf_config``, ``base_model``, ``thresholds`` and ``sharded`` fields. Older bundles are
+refused with the command that re-exports them (1-3 also passed 0-d inputs, or lacked them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import re
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from mobiletune.errors import MobiletuneError
 
-SCHEMA_VERSION = 3    # 2: the optional ``sharded`` section; 3: no 0-d signature inputs
-OLDEST_SCHEMA = 3     # 1 and 2 pass scalars as 0-d inputs, which crash LiteRT on arm64
+SCHEMA_VERSION = 4
 REEXPORT = "mobiletune export RECIPE.py --out BUNDLE [--sharded]"
 FORMAT = "mobiletune-training-bundle"
-MANIFEST = "manifest.json"
-PROGRAM = "program.tflite"
-BASE = "base.safetensors"
-STATE = "state.safetensors"
+
+MANIFEST, PROGRAM, STATE = "manifest.json", "program.tflite", "state.safetensors"
+BASE, WEIGHTS, REPORT = "base.safetensors", "weights.safetensors", "report.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+FILE_ROLES = {"program": PROGRAM, "state": STATE, "base_weights": BASE, "weights": WEIGHTS,
+              **{n: n for n in TOKENIZER_FILES}}
+
+TRAINABLE, ACC, OPT, FROZEN = "trainable/", "acc/", "opt/", "frozen/"
+ACC_NLL, ACC_COUNT, STEP = "acc_nll", "acc_count", "step"
+W, G, S = "w__", "g__", "s__"        # sharded inputs: weights, gradients, optimizer state
+APPLY, INFER, GET_STATE, SET_STATE, SET_FROZEN = ("apply", "infer", "get_state", "set_state",
+                                                  "set_frozen")
+OPTIMIZERS = ("decay", "nodecay")    # sharded optimizer signatures: with / without decay
+DTYPES = ("float32", "int32", "float16")
+STORE_DTYPES = ("float32", "float16")
 
 
 class BundleError(MobiletuneError):
     """A bundle that is incomplete, corrupt, from a newer schema, or not for this use."""
 
 
+# --- names ------------------------------------------------------------------------------------
+def trainable_name(hf: str) -> str:
+    return TRAINABLE + hf
+
+
+def acc_name(hf: str) -> str:
+    return ACC + hf
+
+
+def frozen_name(hf: str) -> str:
+    return FROZEN + hf
+
+
+def opt_name(*path: str) -> str:
+    """``opt_name("1", "0", "mu")`` (an optax tree path) or ``opt_name(group, leaf)``."""
+    return OPT + "/".join(path)
+
+
+def trainable_part(state: dict) -> dict:
+    """{hf name: tensor} of the trainable tensors in a state dict."""
+    return {k[len(TRAINABLE):]: v for k, v in state.items() if k.startswith(TRAINABLE)}
+
+
+def frozen_part(named: dict) -> dict:
+    """{hf name: tensor} of ``frozen/`` names."""
+    return {k[len(FROZEN):]: v for k, v in named.items() if k.startswith(FROZEN)}
+
+
+def train_step_sig(k: int) -> str:
+    return f"train_step_b{k}"
+
+
+def accumulate_sig(k: int) -> str:
+    return f"accumulate_b{k}"
+
+
+def eval_sig(k: int) -> str:
+    return f"eval_b{k}"
+
+
+def block_fwd_sig(kind: str, k: int) -> str:
+    return f"block_fwd_{kind}_b{k}"
+
+
+def block_bwd_sig(kind: str, k: int) -> str:
+    return f"block_bwd_{kind}_b{k}"
+
+
+def norm_fwd_sig(k: int) -> str:
+    return f"norm_fwd_b{k}"
+
+
+def norm_bwd_sig(k: int) -> str:
+    return f"norm_bwd_b{k}"
+
+
+def head_fwd_sig(k: int) -> str:
+    return f"head_fwd_b{k}"
+
+
+def head_wgrad_sig(k: int) -> str:
+    return f"head_wgrad_b{k}"
+
+
+def opt_sig(optimizer: str) -> str:
+    return f"opt_{optimizer}"
+
+
+def input_name(name: str) -> str:
+    """The signature input name of a state tensor (TF input names cannot contain '/')."""
+    return name.replace("/", "__")
+
+
+def signature_shape(shape) -> tuple[int, ...]:
+    """The shape a tensor of logical ``shape`` has at a signature boundary: a scalar
+    travels as ``(1,)`` (see the module docstring), anything else as it is."""
+    return tuple(shape) or (1,)
+
+
+# --- validation -------------------------------------------------------------------------------
+class _Kind:
+    def __init__(self, desc: str, ok):
+        self.desc, self.ok = desc, ok
+
+
+def _is_int(v):
+    return type(v) is int
+
+
+def _is_num(v):
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+INT = _Kind("an integer", _is_int)
+POS = _Kind("a positive integer", lambda v: _is_int(v) and v > 0)
+NAT = _Kind("a non-negative integer", lambda v: _is_int(v) and v >= 0)
+NUM = _Kind("a number", _is_num)
+STR = _Kind("a string", lambda v: type(v) is str and v != "")
+BOOL = _Kind("true or false", lambda v: type(v) is bool)
+OBJ = _Kind("an object", lambda v: type(v) is dict)
+LIST = _Kind("a list", lambda v: type(v) is list)
+SHA = _Kind("a sha256 hex digest", lambda v: type(v) is str and re.fullmatch("[0-9a-f]{64}", v))
+
+
+def _opt(kind: _Kind) -> _Kind:
+    return _Kind(f"{kind.desc} or null", lambda v: v is None or kind.ok(v))
+
+
+def _list_of(kind: _Kind) -> _Kind:
+    return _Kind(f"a list of {kind.desc}s", lambda v: type(v) is list and all(map(kind.ok, v)))
+
+
+def _one_of(*values) -> _Kind:
+    return _Kind(" or ".join(map(repr, values)), lambda v: v in values)
+
+
+SHAPE = _list_of(NAT)
+
+
+class _Reader:
+    """Typed access to a JSON object; every error names the file and the key path."""
+
+    def __init__(self, d, path: str, source: str):
+        self.source, self.path = source, path
+        if type(d) is not dict:
+            self.fail(f"must be {OBJ.desc}, not {_show(d)}")
+        self.d = d
+
+    def fail(self, what: str, key: str | None = None):
+        where = self.path + (f".{key}" if key is not None and self.path else key or "")
+        raise BundleError(f"{self.source}: key {where!r} {what}; re-export the bundle: {REEXPORT}")
+
+    def get(self, key: str, kind: _Kind):
+        if key not in self.d:
+            self.fail("is missing", key)
+        v = self.d[key]
+        if not kind.ok(v):
+            self.fail(f"must be {kind.desc}, not {_show(v)}", key)
+        return v
+
+    def sub(self, key: str) -> "_Reader":
+        self.get(key, OBJ)
+        return _Reader(self.d[key], f"{self.path}.{key}" if self.path else key, self.source)
+
+    def items(self, key: str) -> list["_Reader"]:
+        base = f"{self.path}.{key}" if self.path else key
+        return [_Reader(x, f"{base}[{i}]", self.source)
+                for i, x in enumerate(self.get(key, LIST))]
+
+
+def _show(v) -> str:
+    s = json.dumps(v) if not isinstance(v, (bytes, set)) else repr(v)
+    return f"{type(v).__name__} {s[:40]}{'...' if len(s) > 40 else ''}"
+
+
+# --- the manifest's parts ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     shape: tuple[int, ...]
-    dtype: str            # numpy dtype name: float32, int32
+    dtype: str            # numpy dtype name: float32, int32, float16
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TensorSpec":
-        return cls(d["name"], tuple(d["shape"]), d["dtype"])
+    def read(cls, r: _Reader) -> "TensorSpec":
+        return cls(r.get("name", STR), tuple(r.get("shape", SHAPE)),
+                   r.get("dtype", _one_of(*DTYPES)))
 
 
 @dataclass(frozen=True)
@@ -94,32 +265,182 @@ class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
+    def to_dict(self) -> dict:
+        return {"name": self.name, "inputs": [s.to_dict() for s in self.inputs],
+                "outputs": [s.to_dict() for s in self.outputs]}
+
     @classmethod
-    def from_dict(cls, d: dict) -> "Signature":
-        return cls(d["name"], tuple(TensorSpec.from_dict(x) for x in d["inputs"]),
-                   tuple(TensorSpec.from_dict(x) for x in d["outputs"]))
+    def read(cls, r: _Reader) -> "Signature":
+        sig = cls(r.get("name", STR), tuple(TensorSpec.read(x) for x in r.items("inputs")),
+                  tuple(TensorSpec.read(x) for x in r.items("outputs")))
+        for s in sig.inputs:
+            if s.shape == ():
+                raise BundleError(f"{r.source}: signature {sig.name!r} input {s.name!r} is 0-d; "
+                                  f"scalars must travel as shape (1,) (see the bundle "
+                                  f"contract); re-export: {REEXPORT}")
+        return sig
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    sha256: str
+    bytes: int
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "sha256": self.sha256, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    prefix: str                                   # "model.layers.3."
+    kind: str                                     # a key of ShardedLayout.kinds
+    attn: tuple[float, float, int] | None         # Gemma: RoPE base, scaling, window
+
+
+@dataclass(frozen=True)
+class BlockKind:
+    frozen: tuple[str, ...]                       # names relative to the layer prefix
+    trainable: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OptGroup:
+    name: str                                     # "layer.3.decay", "outer.nodecay"
+    tensors: tuple[str, ...]                      # trainable HF names, flattened in this order
+    optimizer: str                                # one of OPTIMIZERS
+    size: int                                     # elements of the flat vector
+
+
+@dataclass(frozen=True)
+class OptLeaf:
+    name: str                                     # optax tree path, e.g. "1/0/mu"
+    shape: tuple[int, ...]                        # for one chunk: (opt_chunk,) or a scalar ()
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ShardedLayout:
+    store_dtype: str
+    vocab_chunk: int
+    opt_chunk: int
+    layers: tuple[LayerEntry, ...]
+    kinds: dict                                   # kind -> BlockKind
+    embed: str
+    head: str
+    norm: tuple[str, ...]
+    positions: str | None
+    embed_scale: float | None
+    clip_norm: float | None
+    groups: tuple[OptGroup, ...]
+    opt_leaves: dict                              # optimizer -> tuple[OptLeaf, ...]
+
+    def opt_state_shape(self, leaf: OptLeaf, group: OptGroup) -> tuple[int, ...]:
+        """A leaf shaped like one chunk is stored for the whole group's flat vector; any
+        other leaf (the scalar ``count``) is stored once per group."""
+        return (group.size,) if leaf.shape == (self.opt_chunk,) else leaf.shape
+
+    def state_specs(self, trainable_shapes: dict) -> tuple[TensorSpec, ...]:
+        """The state of a sharded bundle: one spec list for the exporter and the runner."""
+        out = [TensorSpec(STEP, (), "int32"), TensorSpec(ACC_NLL, (), "float32"),
+               TensorSpec(ACC_COUNT, (), "float32")]
+        for hf, shape in trainable_shapes.items():
+            out += [TensorSpec(trainable_name(hf), tuple(shape), "float32"),
+                    TensorSpec(acc_name(hf), tuple(shape), "float32")]
+        for g in self.groups:
+            for leaf in self.opt_leaves[g.optimizer]:
+                out.append(TensorSpec(opt_name(g.name, leaf.name), self.opt_state_shape(leaf, g),
+                                      leaf.dtype))
+        return tuple(sorted(out, key=lambda s: s.name))
+
+    def to_dict(self) -> dict:
+        return {"store_dtype": self.store_dtype, "vocab_chunk": self.vocab_chunk,
+                "opt_chunk": self.opt_chunk,
+                "layers": [{"prefix": x.prefix, "kind": x.kind,
+                            "attn": None if x.attn is None else list(x.attn)} for x in self.layers],
+                "kinds": {k: {"frozen": list(v.frozen), "trainable": list(v.trainable)}
+                          for k, v in self.kinds.items()},
+                "embed": self.embed, "head": self.head, "norm": list(self.norm),
+                "positions": self.positions, "embed_scale": self.embed_scale,
+                "clip_norm": self.clip_norm,
+                "groups": [{"name": g.name, "tensors": list(g.tensors), "optimizer": g.optimizer,
+                            "size": g.size} for g in self.groups],
+                "opt_leaves": {o: [{"name": x.name, "shape": list(x.shape), "dtype": x.dtype}
+                                   for x in v] for o, v in self.opt_leaves.items()}}
+
+    @classmethod
+    def read(cls, r: _Reader) -> "ShardedLayout":
+        layers = []
+        for x in r.items("layers"):
+            attn = x.get("attn", _opt(_list_of(NUM)))
+            if attn is not None and len(attn) != 3:
+                x.fail("must be [rope base, rope scaling, window] or null", "attn")
+            layers.append(LayerEntry(x.get("prefix", STR), x.get("kind", STR),
+                                     None if attn is None else (attn[0], attn[1], int(attn[2]))))
+        k = r.sub("kinds")
+        kinds = {name: BlockKind(tuple(k.sub(name).get("frozen", _list_of(STR))),
+                                 tuple(k.sub(name).get("trainable", _list_of(STR))))
+                 for name in k.d}
+        groups = tuple(OptGroup(g.get("name", STR), tuple(g.get("tensors", _list_of(STR))),
+                                g.get("optimizer", _one_of(*OPTIMIZERS)), g.get("size", POS))
+                       for g in r.items("groups"))
+        o = r.sub("opt_leaves")
+        leaves = {}
+        for name in o.d:
+            if name not in OPTIMIZERS:
+                o.fail(f"names an unknown optimizer (known: {list(OPTIMIZERS)})", name)
+            leaves[name] = tuple(OptLeaf(x.get("name", STR), tuple(x.get("shape", SHAPE)),
+                                         x.get("dtype", _one_of(*DTYPES))) for x in o.items(name))
+        lay = cls(r.get("store_dtype", _one_of(*STORE_DTYPES)), r.get("vocab_chunk", POS),
+                  r.get("opt_chunk", POS), tuple(layers), kinds, r.get("embed", STR),
+                  r.get("head", STR), tuple(r.get("norm", _list_of(STR))),
+                  r.get("positions", _opt(STR)), r.get("embed_scale", _opt(NUM)),
+                  r.get("clip_norm", _opt(NUM)), groups, leaves)
+        for i, x in enumerate(lay.layers):
+            if x.kind not in lay.kinds:
+                r.fail(f"names kind {x.kind!r}, not one of {sorted(lay.kinds)}", f"layers[{i}].kind")
+        for i, g in enumerate(lay.groups):
+            if g.optimizer not in lay.opt_leaves:
+                r.fail(f"has no opt_leaves entry {g.optimizer!r}", f"groups[{i}].optimizer")
+        if not lay.layers:
+            r.fail("is empty", "layers")
+        return lay
+
+
+def _files(r: _Reader) -> dict:
+    out = {}
+    for role in r.d:
+        if role not in FILE_ROLES:
+            r.fail(f"is not a file role (known: {sorted(FILE_ROLES)})", role)
+        e = r.sub(role)
+        out[role] = FileEntry(e.get("path", _one_of(FILE_ROLES[role])), e.get("sha256", SHA),
+                              e.get("bytes", NAT))
+    return out
 
 
 @dataclass(frozen=True)
 class Manifest:
     model: dict                      # ModelConfig.to_dict()
-    lora: dict | None                # LoraConfig.to_dict() (resolved), None: full FT
-    optim: dict                      # OptimConfig.to_dict()
-    data: dict                       # DataConfig.to_dict(): seq_len, seed, masking ...
-    recipe: dict                     # the whole resolved recipe
+    lora: dict | None                # LoraConfig.to_dict() (resolved); None: full fine-tuning
+    optim: dict                      # OptimConfig.to_dict() (a record: the program holds it)
+    data: dict                       # DataConfig.to_dict(): how the phone cuts its data
+    recipe: dict                     # the whole resolved recipe (a record)
     seq_len: int
     variants: tuple[int, ...]        # micro-batch sizes with train/accumulate/eval signatures
     effective_batch: int             # examples per optimizer step
+    steps: int                       # optimizer steps the recipe asks for (the default)
     state: tuple[TensorSpec, ...]    # everything get_state returns / set_state takes
-    frozen: tuple[TensorSpec, ...]   # what set_frozen takes
+    frozen: tuple[TensorSpec, ...]   # what set_frozen takes (monolithic LoRA)
     signatures: tuple[Signature, ...]
-    files: dict                      # role -> {"path", "sha256", "bytes"}
+    files: dict                      # role -> FileEntry
     tokenizer: dict                  # bos_id, eos_id, pad_id, adds_bos
     tools: dict                      # versions of what made it
-    sharded: dict | None = None      # sharded bundles: layout (see below); None: monolithic
+    hf_config: dict                  # config.json of the model (full fine-tuning writes it)
+    base_model: str | None           # what the recipe named as the model (PEFT's base)
+    thresholds: dict                 # energy scheduler thresholds (Thresholds.to_dict())
+    sharded: ShardedLayout | None = None   # None: a monolithic bundle
     schema_version: int = SCHEMA_VERSION
     format: str = FORMAT
-    extra: dict = field(default_factory=dict)
 
     def signature(self, name: str) -> Signature:
         for s in self.signatures:
@@ -129,59 +450,156 @@ class Manifest:
                           f"{', '.join(s.name for s in self.signatures)}")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(variants=list(self.variants), state=[s.to_dict() for s in self.state],
+                 frozen=[s.to_dict() for s in self.frozen],
+                 signatures=[s.to_dict() for s in self.signatures],
+                 files={k: v.to_dict() for k, v in self.files.items()},
+                 sharded=None if self.sharded is None else self.sharded.to_dict())
+        return json.dumps(d, indent=1, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "manifest") -> "Manifest":
+    def from_dict(cls, d, source: str = "manifest") -> "Manifest":
+        r = _Reader(d, "", source)
         if d.get("format") != FORMAT:
             raise BundleError(f"{source}: not a mobiletune training bundle (format "
                               f"{d.get('format')!r})")
-        v = d.get("schema_version")
-        if not isinstance(v, int) or v > SCHEMA_VERSION:
-            raise BundleError(f"{source}: schema_version {v!r} is newer than this mobiletune "
+        v = r.get("schema_version", INT)
+        if v > SCHEMA_VERSION:
+            raise BundleError(f"{source}: schema_version {v} is newer than this mobiletune "
                               f"understands ({SCHEMA_VERSION}); upgrade mobiletune on this device")
-        if v < 1:
-            raise BundleError(f"{source}: invalid schema_version {v!r}")
-        if v < OLDEST_SCHEMA:
-            raise BundleError(f"{source}: schema_version {v} bundles pass scalars as 0-d signature "
-                              f"inputs, which crash ai-edge-litert 2.3.0 on arm64 (every phone); "
-                              f"re-export it with this mobiletune: {REEXPORT}")
-        try:
-            m = cls(
-                model=d["model"], lora=d["lora"], optim=d["optim"], data=d["data"],
-                recipe=d["recipe"], seq_len=int(d["seq_len"]), variants=tuple(d["variants"]),
-                effective_batch=int(d["effective_batch"]),
-                state=tuple(TensorSpec.from_dict(x) for x in d["state"]),
-                frozen=tuple(TensorSpec.from_dict(x) for x in d["frozen"]),
-                signatures=tuple(Signature.from_dict(x) for x in d["signatures"]),
-                files=d["files"], tokenizer=d["tokenizer"], tools=d["tools"],
-                sharded=d.get("sharded"), schema_version=v, format=d["format"],
-                extra=d.get("extra", {}))
-        except KeyError as e:
-            raise BundleError(f"{source}: missing key {e.args[0]!r}") from None
-        m.check_no_scalar_inputs(source)
+        if v < SCHEMA_VERSION:
+            raise BundleError(f"{source}: schema_version {v} bundles are not read by this "
+                              f"mobiletune (schema 1-2 passed scalars as 0-d signature inputs, "
+                              f"which crash ai-edge-litert 2.3.0 on arm64; 3 lacked the step "
+                              f"counter); re-export it: {REEXPORT}")
+        m = cls(model=_model(r.sub("model")), lora=_lora(r), optim=r.sub("optim").d,
+                data=_data(r.sub("data")), recipe=r.sub("recipe").d,
+                seq_len=r.get("seq_len", POS), variants=tuple(r.get("variants", _list_of(POS))),
+                effective_batch=r.get("effective_batch", POS), steps=r.get("steps", POS),
+                state=tuple(TensorSpec.read(x) for x in r.items("state")),
+                frozen=tuple(TensorSpec.read(x) for x in r.items("frozen")),
+                signatures=tuple(Signature.read(x) for x in r.items("signatures")),
+                files=_files(r.sub("files")), tokenizer=_tokenizer(r.sub("tokenizer")),
+                tools=r.sub("tools").d, hf_config=r.sub("hf_config").d,
+                base_model=r.get("base_model", _opt(STR)),
+                thresholds=_thresholds(r.sub("thresholds")),
+                sharded=None if r.get("sharded", _opt(OBJ)) is None
+                else ShardedLayout.read(r.sub("sharded")),
+                schema_version=v, format=FORMAT)
+        m._check(r)
         return m
 
-    def check_no_scalar_inputs(self, source: str = "manifest") -> None:
-        for sig in self.signatures:
-            for s in sig.inputs:
-                if tuple(s.shape) == ():
-                    raise BundleError(f"{source}: signature {sig.name!r} input {s.name!r} is 0-d; "
-                                      f"scalars must travel as shape (1,) (see the bundle "
-                                      f"contract); re-export: {REEXPORT}")
+    def _check(self, r: _Reader) -> None:
+        if not self.variants or any(self.effective_batch % k for k in self.variants):
+            r.fail(f"{list(self.variants)} must be non-empty and divide effective_batch "
+                   f"{self.effective_batch}", "variants")
+        names = {s.name for s in self.state}
+        for need in (STEP, ACC_NLL, ACC_COUNT):
+            if need not in names:
+                r.fail(f"lacks the tensor {need!r}", "state")
+        need = {"state", *TOKENIZER_FILES,  # "program": checked by open_bundle (tests omit it)
+                *(["weights"] if self.sharded is not None else []),
+                *(["base_weights"] if self.frozen else [])}
+        missing = sorted(need - set(self.files))
+        if missing:
+            r.fail(f"lacks the {missing[0]!r} file", "files")
+        if self.sharded is not None:
+            shapes = {k[len(TRAINABLE):]: s.shape for k, s in
+                      ((s.name, s) for s in self.state) if k.startswith(TRAINABLE)}
+            want = self.sharded.state_specs(shapes)
+            for i, g in enumerate(self.sharded.groups):
+                unknown = [t for t in g.tensors if t not in shapes]
+                if unknown:
+                    r.fail(f"names {unknown[0]!r}, not a trainable tensor of the state",
+                           f"sharded.groups[{i}].tensors")
+                if sum(math.prod(shapes[t]) for t in g.tensors) != g.size:
+                    r.fail("is not the number of elements of its tensors", f"sharded.groups[{i}].size")
+            if tuple(sorted(self.state, key=lambda s: s.name)) != want:
+                got = {s.name: s for s in self.state}
+                bad = next((w.name for w in want if got.get(w.name) != w),
+                           next(iter(sorted(names - {w.name for w in want})), "?"))
+                r.fail(f"does not match the sharded layout (first difference: {bad!r})", "state")
+        sigs = {s.name for s in self.signatures}
+        lost = sorted(set(self.required_signatures()) - sigs)
+        if lost:
+            r.fail(f"lacks the signature {lost[0]!r}", "signatures")
+
+    def required_signatures(self) -> list[str]:
+        """Every signature the runtime calls for this bundle."""
+        ks = self.variants
+        if self.sharded is None:
+            out = [APPLY, INFER, GET_STATE, SET_STATE] + ([SET_FROZEN] if self.frozen else [])
+            return out + [f(k) for k in ks for f in (train_step_sig, accumulate_sig, eval_sig)]
+        lay = self.sharded
+        trained = {s.name[len(TRAINABLE):] for s in self.state if s.name.startswith(TRAINABLE)}
+        out = [opt_sig(g.optimizer) for g in lay.groups]
+        for k in ks:
+            out += [norm_fwd_sig(k), norm_bwd_sig(k), head_fwd_sig(k)]
+            out += [head_wgrad_sig(k)] if lay.head in trained else []
+            out += [f(kind, k) for kind in {x.kind for x in lay.layers}
+                    for f in (block_fwd_sig, block_bwd_sig)]
+        return sorted(set(out))
 
 
-def signature_shape(shape) -> tuple[int, ...]:
-    """The shape a tensor of logical ``shape`` has at a signature boundary: a scalar
-    travels as ``(1,)`` (see the module docstring), anything else as it is."""
-    return tuple(shape) or (1,)
+def _model(r: _Reader) -> dict:
+    r.get("family", STR)
+    for k in ("vocab_size", "hidden_size", "num_layers"):
+        r.get(k, POS)
+    r.get("final_logit_softcapping", _opt(NUM))
+    return r.d
 
 
-def input_name(name: str) -> str:
-    """The signature input name of a state tensor (TF input names cannot contain '/')."""
-    return name.replace("/", "__")
+def _lora(r: _Reader) -> dict | None:
+    """The resolved LoraConfig (``models.lora``; its fields are spelled out here because
+    that module needs JAX and this one runs on the phone)."""
+    if r.get("lora", _opt(OBJ)) is None:
+        return None
+    x = r.sub("lora")
+    x.get("r", POS), x.get("alpha", NUM), x.get("dropout", NUM), x.get("use_rslora", BOOL)
+    x.get("target_modules", _Kind("a list of module names or a regex",
+                                  lambda v: type(v) is str or _list_of(STR).ok(v)))
+    x.get("layers_to_transform", _opt(_list_of(NAT)))
+    x.get("last_n_layers", _Kind("null (resolved into layers_to_transform)", lambda v: v is None))
+    return x.d
 
 
+def _complete(r: _Reader, cls) -> None:
+    """Every field of the dataclass ``cls`` is written out (a missing one is damage, not a
+    default)."""
+    for f in fields(cls):
+        if f.name not in r.d:
+            r.fail("is missing", f.name)
+
+
+def _data(r: _Reader) -> dict:
+    from mobiletune.runtime.data import DataConfig  # numpy; imported where first needed
+    _complete(r, DataConfig)
+    try:
+        DataConfig.from_dict(r.d)
+    except MobiletuneError as e:
+        r.fail(f"is not a valid data config ({e})")
+    return r.d
+
+
+def _tokenizer(r: _Reader) -> dict:
+    for k in ("bos_id", "eos_id", "pad_id"):
+        r.get(k, _opt(NAT))
+    r.get("adds_bos", BOOL)
+    return r.d
+
+
+def _thresholds(r: _Reader) -> dict:
+    from mobiletune.runtime.energy.scheduler import Thresholds
+    _complete(r, Thresholds)
+    try:
+        Thresholds.from_dict(r.d)
+    except MobiletuneError as e:
+        r.fail(f"are not valid scheduler thresholds ({e})")
+    return r.d
+
+
+# --- files ------------------------------------------------------------------------------------
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -190,13 +608,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_entry(bundle_dir: Path, name: str) -> dict:
+def file_entry(bundle_dir: Path, name: str) -> FileEntry:
     p = Path(bundle_dir) / name
-    return {"path": name, "sha256": sha256_file(p), "bytes": p.stat().st_size}
-
-
-def train_signatures(k: int) -> tuple[str, str, str]:
-    return f"train_step_b{k}", f"accumulate_b{k}", f"eval_b{k}"
+    return FileEntry(name, sha256_file(p), p.stat().st_size)
 
 
 def read_manifest(bundle_dir: str | Path) -> Manifest:
@@ -210,6 +624,8 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
         raw = json.loads(p.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise BundleError(f"{p}: not valid JSON ({e})") from None
+    if type(raw) is not dict:
+        raise BundleError(f"{p}: not a JSON object")
     return Manifest.from_dict(raw, str(p))
 
 
@@ -217,12 +633,12 @@ def verify_files(bundle_dir: str | Path, m: Manifest) -> None:
     """Every file the manifest names exists with its recorded size and sha256."""
     d = Path(bundle_dir)
     for role, e in m.files.items():
-        p = d / e["path"]
+        p = d / e.path
         if not p.is_file():
             raise BundleError(f"{p}: missing ({role} file of the bundle)")
         size = p.stat().st_size
-        if size != e["bytes"]:
-            raise BundleError(f"{p}: {size} bytes, the manifest says {e['bytes']} "
+        if size != e.bytes:
+            raise BundleError(f"{p}: {size} bytes, the manifest says {e.bytes} "
                               f"(truncated or replaced {role} file)")
-        if sha256_file(p) != e["sha256"]:
+        if sha256_file(p) != e.sha256:
             raise BundleError(f"{p}: sha256 does not match the manifest ({role} file changed)")

@@ -1,5 +1,11 @@
 """``mobiletune device ...`` and ``python -m mobiletune.runtime ...``: the phone's commands
-(they need only the runtime extra: numpy, ai-edge-litert, tokenizers)."""
+(they need only the runtime extra: numpy, ai-edge-litert, tokenizers).
+
+Exit status: 0 done; 1 ``doctor`` found problems; 2 a user mistake (one line
+``mobiletune: error: ...``, no traceback); 3 ``train`` stopped before its last step (by the
+battery, a signal or a stop) with a checkpoint to ``--resume`` from; 130 interrupted.
+Results go to stdout; progress and information to stderr.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,22 @@ import sys
 
 from mobiletune.errors import MobiletuneError
 
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    """The options ``mobiletune generate`` and ``mobiletune device generate`` share."""
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the tokenizer's chat template; stop at its "
+                        "end-of-turn token")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="at most this many (48)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+
 
 def build_parser(prog: str = "python -m mobiletune.runtime") -> argparse.ArgumentParser:
+    from mobiletune.runtime.energy.battery import providers_help
     ap = argparse.ArgumentParser(prog=prog, description="Train or run a LiteRT training bundle "
                                                         "on this device.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -18,9 +38,11 @@ def build_parser(prog: str = "python -m mobiletune.runtime") -> argparse.Argumen
     p.add_argument("--data", required=True, nargs="+", help="UTF-8 text or JSONL file(s)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
-    p.add_argument("--battery", default="auto",
-                   help="auto | sysfs | termux | trace:FILE | none (default auto: sysfs if a "
-                        "battery is found, else termux-battery-status, else none)")
+    p.add_argument("--battery", default="auto", help=f"battery readings: {providers_help()} "
+                                                     f"(default auto)")
+    p.add_argument("--thresholds", metavar="FILE",
+                   help="a JSON object of scheduler thresholds (pause_below, hot_c, ...) that "
+                        "override the bundle's (from the recipe's `thresholds`)")
     p.add_argument("--threads", type=int,
                    help="LiteRT interpreter threads (default: the cores this process may use)")
     p.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints")
@@ -30,11 +52,12 @@ def build_parser(prog: str = "python -m mobiletune.runtime") -> argparse.Argumen
                         "and backward passes instead of re-reading them (default: keep none)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("generate", help="greedy generation with the bundle's infer signature")
+    p = sub.add_parser("generate", help="generate with the bundle's infer signature",
+                       description="Generate from a prompt with the bundle's weights (and a "
+                                   "`train` run's state); the prefix is recomputed per token.")
     p.add_argument("bundle")
-    p.add_argument("--prompt", required=True)
+    add_generation_options(p)
     p.add_argument("--state", help="a `device train` output directory (its state.safetensors)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("doctor", help="check this device (and a bundle): architecture, memory, "
@@ -65,27 +88,29 @@ def build_parser(prog: str = "python -m mobiletune.runtime") -> argparse.Argumen
 
 
 def cmd_train(args) -> int:
-    from mobiletune.runtime.device_trainer import device_train
+    from mobiletune.runtime.device_trainer import device_train, load_thresholds
+    from mobiletune.runtime.metrics import peak_rss_mb
+    th = load_thresholds(args.thresholds) if args.thresholds else None
     r = device_train(args.bundle, args.data, args.out, steps=args.steps, battery=args.battery,
-                     threads=args.threads, resume=args.resume,
+                     threads=args.threads, resume=args.resume, thresholds=th,
                      checkpoint_every=args.checkpoint_every,
                      memory_budget_mb=args.memory_budget_mb)
     if r.finished:
-        from mobiletune.runtime.metrics import peak_rss_mb
         print(f"done: {r.step} steps; peak RSS {peak_rss_mb():.0f} MB; outputs in {r.out}")
-    else:
-        print(f"stopped at step {r.step} ({r.stopped_by}); checkpoint saved, continue with "
-              f"--resume")
-    return 0 if r.finished else 3
+        return EXIT_OK
+    print(f"stopped at step {r.step} ({r.stopped_by}); checkpoint saved, continue with "
+          f"--resume")
+    return EXIT_STOPPED
 
 
 def cmd_generate(args) -> int:
     from mobiletune.runtime.device_trainer import device_generate
     text, tps = device_generate(args.bundle, args.prompt, args.state, args.max_new_tokens,
-                                args.threads)
+                                args.threads, chat=args.chat, temperature=args.temperature,
+                                seed=args.seed)
     print(text)
     print(f"[{tps:.1f} tokens/s, prefix recomputed per token]", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 def cmd_doctor(args) -> int:
@@ -101,7 +126,7 @@ def cmd_kit(args) -> int:
           f"{', '.join(info['pythons'])}"
           + (f"; {args.out}.tar.gz {info['archive_bytes']:,} bytes" if "archive_bytes" in info
              else ""))
-    return 0
+    return EXIT_OK
 
 
 def run(args) -> int:
@@ -110,10 +135,10 @@ def run(args) -> int:
         return args.func(args)
     except MobiletuneError as e:
         print(f"mobiletune: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("mobiletune: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def main(argv=None, prog: str = "python -m mobiletune.runtime") -> int:

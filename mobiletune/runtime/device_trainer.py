@@ -5,16 +5,21 @@ variant the energy scheduler picks (``accumulate_b{k}`` × effective/k, then ``a
 the result does not depend on the battery's history: the data stream is fixed by the seed
 (``runtime.data.BatchIterator``) and only how it is cut into micro-batches changes.
 
-State (trainable params, optimizer state, accumulators) is checkpointed through
-``get_state`` every N steps, on pause, on SIGTERM/SIGINT and at the end; ``--resume``
-continues from the newest complete checkpoint. Metrics go to ``metrics.jsonl``, one row per
-optimizer step (and one per pause / resume / stop event).
+``DeviceTrainer`` is the loop with small parts the federated and side-tuning clients reuse:
+``read``/``decide`` (a battery reading through the scheduler), ``hold`` (a pause until the
+scheduler says run), ``optimizer_step`` (one step under a decision), ``checkpoint`` and
+``write_outputs``; ``run(steps)`` strings them together. State (trainable params,
+optimizer state, accumulators, step) is checkpointed every N steps, on pause, on
+SIGTERM/SIGINT and at the end; ``resume()`` continues from the newest complete checkpoint.
+Metrics go to ``metrics.jsonl``, one row per optimizer step (and one per pause / resume /
+stop event); information lines go to stderr.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +29,22 @@ import numpy as np
 from mobiletune.errors import MobiletuneError
 from mobiletune.io import atomic
 from mobiletune.io import safetensors as st
+from mobiletune.runtime import bundle as B
 from mobiletune.runtime import data as D
 from mobiletune.runtime import peft_io
-from mobiletune.runtime.bundle import sha256_file
-from mobiletune.runtime.energy import battery as B
+from mobiletune.runtime.energy import battery as battery_
 from mobiletune.runtime.energy import scheduler as S
-from mobiletune.runtime.litert import BundleRunner
+from mobiletune.runtime.energy.clocks import RealClock, SimClock
+from mobiletune.runtime.energy.meter import EnergyMeter
 from mobiletune.runtime.metrics import MetricsLog, peak_rss_mb
 from mobiletune.runtime.progress import Progress
+from mobiletune.runtime.runner import Runner, open_bundle
 from mobiletune.runtime.state_checkpoints import Checkpoints
 from mobiletune.runtime.tokenizer import Tokenizer
+
+
+def info(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -63,12 +74,13 @@ class _Signals:
         return False
 
 
-def prepare_data(runner: BundleRunner, tok: Tokenizer, data_paths) -> D.Dataset:
+def prepare_data(runner, tok: Tokenizer, data_paths, log=info) -> D.Dataset:
+    """The training examples the bundle's data config makes of ``data_paths``; refuses
+    token ids outside the model's vocabulary and data smaller than one optimizer step."""
     m = runner.manifest
-    dcfg = D.DataConfig.from_dict(m.data)
-    prep = D.prepare([Path(p) for p in data_paths], tok, dcfg)
+    prep = D.prepare([Path(p) for p in data_paths], tok, D.DataConfig.from_dict(m.data))
     for w in prep.warnings[:20]:
-        print(f"data: {w}")
+        log(f"data: {w}")
     vocab = int(m.model["vocab_size"])
     top = max((int(max(d.inputs.max(), d.targets.max())) for d in (prep.train, prep.val)
                if d is not None and len(d)), default=-1)
@@ -81,157 +93,223 @@ def prepare_data(runner: BundleRunner, tok: Tokenizer, data_paths) -> D.Dataset:
     return prep.train
 
 
-def device_train(bundle, data_paths, out, steps: int | None = None, battery: str = "none",
-                 threads: int | None = None, resume: bool = False, checkpoint_every: int = 10,
-                 thresholds: S.Thresholds | None = None, poll_s: float = 60.0,
-                 stop_after: int | None = None, clock=None,
-                 memory_budget_mb: float | None = None) -> DeviceRun:
-    """Train a bundle on local data. ``battery``: auto | sysfs | termux | trace:FILE | none;
-    a trace is replayed on a simulated clock (``clock``, default ``SimClock``) advanced by
-    each step's measured compute time and the throttle's sleeps, so nothing waits."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpts = Checkpoints(out / "checkpoints")
-    runner = BundleRunner.open(bundle, threads=threads, memory_budget_mb=memory_budget_mb)
-    m = runner.manifest
-    bundle_hash = sha256_file(Path(bundle) / "program.tflite")
-    tok = Tokenizer.from_dir(bundle)
-    train = prepare_data(runner, tok, data_paths)
-    steps = steps or m.recipe.get("steps") or 100
-    seed = m.data["seed"]
-    it = D.BatchIterator(train, min(m.variants), seed, batch_size=m.effective_batch)
-    start = 0
-    if resume:
-        got = ckpts.latest(expected_names=[s.name for s in m.state])
+def load_thresholds(path) -> S.Thresholds:
+    """``--thresholds FILE``: a JSON object of ``Thresholds`` fields (the rest keep the
+    bundle's values)."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise MobiletuneError(f"--thresholds {p}: cannot read a JSON object ({e})") from None
+    if not isinstance(d, dict):
+        raise MobiletuneError(f"--thresholds {p}: expected a JSON object of threshold fields")
+    return S.Thresholds.from_dict(d)
+
+
+class DeviceTrainer:
+    def __init__(self, runner: Runner, bundle, train: D.Dataset, out, *, battery: str = "auto",
+                 thresholds: S.Thresholds | dict | None = None, checkpoint_every: int = 10,
+                 poll_s: float = 60.0, clock=None, log=info):
+        self.runner, self.m, self.train, self.out = runner, runner.manifest, train, Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.bundle_hash = B.sha256_file(Path(bundle) / B.PROGRAM)
+        self.log, self.poll_s, self.checkpoint_every = log, poll_s, checkpoint_every
+        self.ckpts = Checkpoints(self.out / "checkpoints", log=log)
+        th = {**self.m.thresholds, **(thresholds.to_dict() if isinstance(thresholds, S.Thresholds)
+                                      else thresholds or {})}
+        self.thresholds = S.Thresholds.from_dict(th)
+        self.provider, described = battery_.open_provider(battery)
+        self.clock = clock or (SimClock() if battery.startswith("trace:") else RealClock())
+        self.meter = EnergyMeter()
+        self.data = D.BatchIterator(train, min(self.m.variants), self.m.data["seed"],
+                                    batch_size=self.m.effective_batch)
+        self.step, self.decision, self.metrics = 0, None, None
+        log(f"battery: {described}")
+
+    @classmethod
+    def open(cls, bundle, data_paths, out, *, threads: int | None = None,
+             memory_budget_mb: float | None = None, **kw) -> "DeviceTrainer":
+        runner = open_bundle(bundle, threads=threads, memory_budget_mb=memory_budget_mb)
+        tok = Tokenizer.from_dir(bundle)
+        return cls(runner, bundle, prepare_data(runner, tok, data_paths), out, **kw)
+
+    # --- state ----------------------------------------------------------------------------
+    def resume(self) -> int:
+        """Continue from the newest complete checkpoint (returns its step; 0 if none)."""
+        got = self.ckpts.latest(expected_names=[s.name for s in self.m.state])
         if got is not None:
-            start, state, meta = got
-            if meta.get("bundle") != bundle_hash:
-                raise MobiletuneError(f"{out}: its checkpoints belong to another bundle")
-            runner.set_state(state)
-            it = D.BatchIterator.from_state(train, min(m.variants), seed, meta["data"],
-                                            batch_size=m.effective_batch)
-            print(f"resumed from step {start}")
-    elif ckpts.latest() is not None:
-        raise MobiletuneError(f"{out}: has checkpoints from an earlier run; pass --resume")
-    provider, described = B.open_provider(battery)
-    if clock is None:
-        clock = B.SimClock() if battery.startswith("trace:") else B.RealClock()
+            step, state, meta = got
+            if meta.get("bundle") != self.bundle_hash:
+                raise MobiletuneError(f"{self.out}: its checkpoints belong to another bundle")
+            self.runner.set_state(state)
+            self.data = D.BatchIterator.from_state(self.train, min(self.m.variants),
+                                                   self.m.data["seed"], meta["data"],
+                                                   batch_size=self.m.effective_batch)
+            self.step = step
+            self.log(f"resumed from step {step}")
+        return self.step
 
-    def read():
+    def checkpoint(self) -> None:
+        self.ckpts.save(self.step, self.runner.get_state(),
+                        {"data": self.data.state(), "bundle": self.bundle_hash})
+
+    def write_outputs(self) -> None:
+        """PEFT adapter (LoRA) or an HF-layout checkpoint (full FT), plus the full state."""
+        write_outputs(self.runner, self.out)
+
+    # --- the scheduler ----------------------------------------------------------------------
+    def read(self) -> S.Reading:
         try:
-            return provider.read(clock.now())
-        except B.BatteryError as e:  # one failed reading is "unknown", not a crash
-            print(f"battery: {e}")
-            return S.Reading(time=clock.now())
-    print(f"battery: {described}")
-    th = thresholds or S.Thresholds.from_dict(m.extra.get("thresholds", {}))
-    log = MetricsLog(out / "metrics.jsonl", upto=start)
-    meter = B.EnergyMeter()
+            return self.provider.read(self.clock.now())
+        except battery_.BatteryError as e:  # one failed reading is "unknown", not a crash
+            self.log(f"battery: {e}")
+            return S.Reading(time=self.clock.now())
 
-    def checkpoint(step):
-        ckpts.save(step, runner.get_state(), {"data": it.state(), "bundle": bundle_hash})
+    def decide(self, reading: S.Reading) -> S.Decision:
+        self.decision = S.decide(reading, self.thresholds, tuple(self.m.variants), self.decision)
+        return self.decision
 
-    decision, stopped_by = None, None
-    step = start
-    with _Signals() as sig, Progress(total=steps - start, unit="step", desc="device") as bar:
-        while step < steps:
-            if sig.caught or (stop_after is not None and step - start >= stop_after):
-                stopped_by = sig.caught or "stop_after"
-                break
-            reading = read()
-            decision = S.decide(reading, th, tuple(m.variants), decision)
-            if decision.action != "run":
-                checkpoint(step)
-                log.write({"event": decision.action, "step": step, "time": clock.now(),
-                           "reason": decision.reason, **_reading_fields(reading)})
-                if decision.action == "stop":
-                    stopped_by = "battery"
+    def event(self, kind: str, reading: S.Reading) -> None:
+        self.metrics.write({"event": kind, "step": self.step, "time": self.clock.now(),
+                            "reason": self.decision.reason, **reading_fields(reading)})
+
+    def hold(self, reading: S.Reading, signals) -> str | None:
+        """Checkpoint and wait out a pause (polling the battery); ``None`` once the
+        scheduler says run again, else why the run stops."""
+        self.checkpoint()
+        self.event(self.decision.action, reading)
+        if self.decision.action == "stop":
+            return "battery"
+        end = getattr(self.provider, "end_time", None)
+        while self.decision.action == "pause":
+            if signals.caught:
+                return signals.caught
+            if end is not None and self.clock.now() > end:
+                return "the battery trace ended during a pause"
+            self.clock.sleep(self.poll_s)
+            reading = self.read()
+            self.decide(reading)
+        if self.decision.action == "stop":
+            return self.hold(reading, signals)
+        self.event("resume", reading)
+        return None
+
+    # --- one optimizer step -----------------------------------------------------------------
+    def optimizer_step(self, reading: S.Reading) -> dict:
+        """The effective batch in micro-batches of the decided variant, then ``apply``;
+        the throttle sleeps between micro-steps. Returns the metrics row."""
+        k, decision = self.decision.variant, self.decision
+        t0 = time.perf_counter()
+        tokens = slept = 0.0
+        for _ in range(self.m.effective_batch // k):
+            t_micro = time.perf_counter()
+            b = self.data.next(k)
+            self.runner.accumulate(b)
+            tokens += float(b["loss_mask"].sum())
+            pause = decision.sleep_after(time.perf_counter() - t_micro)
+            if pause:
+                self.clock.sleep(pause)  # the throttle: a duty cycle between micro-steps
+                slept += pause
+        loss, _ = self.runner.apply()
+        compute = time.perf_counter() - t0 - (0 if isinstance(self.clock, SimClock) else slept)
+        self.clock.advance(compute)
+        after = self.read()
+        self.step += 1
+        return {"step": self.step, "loss": loss, "tokens": tokens, "seconds": compute,
+                "peak_rss_mb": round(peak_rss_mb(), 1), "variant": k, "sleep": slept,
+                "reason": decision.reason, "energy_j": self.meter.step(reading, after),
+                "time": self.clock.now(), **reading_fields(reading)}
+
+    # --- the loop -----------------------------------------------------------------------------
+    def run(self, steps: int, stop_after: int | None = None) -> DeviceRun:
+        """Train until ``steps`` optimizer steps are done (or a stop: battery, signal,
+        ``stop_after`` steps taken in this call). Always ends with a checkpoint."""
+        start, stopped_by = self.step, None
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", upto=start)
+        with _Signals() as sig, Progress(total=steps - start, unit="step", desc="device") as bar:
+            while self.step < steps:
+                if sig.caught or (stop_after is not None and self.step - start >= stop_after):
+                    stopped_by = sig.caught or "stop_after"
                     break
-                end = getattr(provider, "end_time", None)
-                while decision.action == "pause" and not sig.caught:
-                    if end is not None and clock.now() > end:
-                        stopped_by = "the battery trace ended during a pause"
-                        break
-                    clock.sleep(poll_s)
-                    reading = read()
-                    decision = S.decide(reading, th, tuple(m.variants), decision)
-                if decision.action != "run":
-                    if stopped_by or sig.caught:
+                reading = self.read()
+                if self.decide(reading).action != "run":
+                    stopped_by = self.hold(reading, sig)
+                    if stopped_by:
                         break
                     continue
-                log.write({"event": "resume", "step": step, "time": clock.now(),
-                           "reason": decision.reason, **_reading_fields(reading)})
-                continue
-            k = decision.variant
-            t0 = time.perf_counter()
-            tokens = 0.0
-            slept = 0.0
-            for _ in range(m.effective_batch // k):
-                t_micro = time.perf_counter()
-                b = it.next(k)
-                runner.accumulate(b)
-                tokens += float(b["loss_mask"].sum())
-                pause = decision.sleep_after(time.perf_counter() - t_micro)
-                if pause:
-                    clock.sleep(pause)  # the throttle: a duty cycle between micro-steps
-                    slept += pause
-            loss, n = runner.apply()
-            compute = time.perf_counter() - t0 - (0 if isinstance(clock, B.SimClock) else slept)
-            clock.advance(compute)
-            after = read()
-            step += 1
-            log.write({"step": step, "loss": loss, "tokens": tokens, "seconds": compute,
-                       "peak_rss_mb": round(peak_rss_mb(), 1),
-                       "variant": k, "sleep": slept, "reason": decision.reason,
-                       "energy_j": meter.step(reading, after), "time": clock.now(),
-                       **_reading_fields(reading)})
-            bar.update(1, loss=f"{loss:.3f}", k=k, tok_s=f"{tokens / compute:.0f}")
-            if step % checkpoint_every == 0:
-                checkpoint(step)
-    checkpoint(step)
-    finished = step >= steps
-    if finished:
-        write_outputs(runner, out)
-    return DeviceRun(step, finished, stopped_by, out)
+                row = self.optimizer_step(reading)
+                self.metrics.write(row)
+                bar.update(1, loss=f"{row['loss']:.3f}", k=row["variant"],
+                           tok_s=f"{row['tokens'] / row['seconds']:.0f}")
+                if self.step % self.checkpoint_every == 0:
+                    self.checkpoint()
+        self.checkpoint()
+        finished = self.step >= steps
+        if finished:
+            self.write_outputs()
+        return DeviceRun(self.step, finished, stopped_by, self.out)
 
 
-def _reading_fields(r) -> dict:
+def reading_fields(r) -> dict:
     return {"battery": r.level, "charging": r.charging, "temperature": r.temperature_c}
 
 
-def write_outputs(runner: BundleRunner, out: Path) -> None:
+def device_train(bundle, data_paths, out, steps: int | None = None, battery: str = "auto",
+                 threads: int | None = None, resume: bool = False, checkpoint_every: int = 10,
+                 thresholds=None, poll_s: float = 60.0, stop_after: int | None = None,
+                 clock=None, memory_budget_mb: float | None = None) -> DeviceRun:
+    """Train a bundle on local data (``mobiletune device train``; same defaults).
+    ``battery``: auto | sysfs | termux | trace:FILE | none; a trace is replayed on a
+    simulated clock (``clock``, default ``SimClock``) advanced by each step's measured
+    compute time and the throttle's sleeps, so nothing waits. ``thresholds`` override the
+    bundle's (a ``Thresholds`` or a dict of its fields)."""
+    out = Path(out)
+    t = DeviceTrainer.open(bundle, data_paths, out, threads=threads,
+                           memory_budget_mb=memory_budget_mb, battery=battery,
+                           thresholds=thresholds, checkpoint_every=checkpoint_every,
+                           poll_s=poll_s, clock=clock)
+    if resume:
+        t.resume()
+    elif t.ckpts.latest() is not None:
+        raise MobiletuneError(f"{out}: has checkpoints from an earlier run; pass --resume")
+    return t.run(steps or t.m.steps, stop_after=stop_after)
+
+
+def write_outputs(runner, out: Path) -> None:
     """PEFT adapter (LoRA) or an HF-layout checkpoint (full FT), plus the full state."""
     m = runner.manifest
     state = runner.get_state()
-    st.save(out / "state.safetensors", state)
-    trainable = {k[len("trainable/"):]: v for k, v in state.items() if k.startswith("trainable/")}
+    st.save(out / B.STATE, state)
+    trainable = B.trainable_part(state)
     if m.lora is not None:
         peft_io.write_adapter(out / "adapter", trainable, m.lora, m.model["family"],
-                              base_model=m.extra.get("base_model"))
+                              base_model=m.base_model)
     else:
         st.save(out / "model" / "model.safetensors", trainable, meta={"format": "pt"})
-        atomic.write_text(out / "model" / "config.json",
-                             json.dumps(m.extra["hf_config"], indent=2) + "\n")
+        atomic.write_text(out / "model" / "config.json", json.dumps(m.hf_config, indent=2) + "\n")
 
 
-def device_generate(bundle, prompt: str, state_dir=None, max_new_tokens: int = 32,
-                    threads: int | None = None) -> tuple[str, float]:
-    """Greedy generation with ``infer`` (the prefix is recomputed for every token).
-    Returns (text, tokens per second)."""
+def device_generate(bundle, prompt: str, state_dir=None, max_new_tokens: int = 48,
+                    threads: int | None = None, chat: bool = False, temperature: float = 0.0,
+                    seed: int = 0) -> tuple[str, float]:
+    """Generation with ``infer`` (the prefix is recomputed for every token): greedy at
+    temperature 0, else sampled (as ``mobiletune generate``). Returns (text, tokens/s)."""
+    from mobiletune.runtime.sampling import prompt_ids, sample
     state = None
     if state_dir is not None:
-        state = st.load(Path(state_dir) / "state.safetensors", mmap=False)
-    runner = BundleRunner.open(bundle, threads=threads, state=state)
+        state = st.load(Path(state_dir) / B.STATE, mmap=False)
+    runner = open_bundle(bundle, threads=threads, state=state)
     tok = Tokenizer.from_dir(bundle)
-    ids = tok.encode(prompt, add_special_tokens=tok.adds_bos)
+    ids, stops = prompt_ids(tok, prompt, chat)
     t_max = runner.manifest.seq_len
     if len(ids) >= t_max:
         raise MobiletuneError(f"--prompt: {len(ids)} tokens; the bundle's window is {t_max}")
+    rng = np.random.default_rng(seed)
     new = []
     t0 = time.perf_counter()
     while len(new) < max_new_tokens and len(ids) < t_max:
-        nxt = int(np.argmax(runner.infer(ids, len(ids) - 1)))
-        if nxt == tok.eos_id:
+        nxt = sample(runner.infer(ids, len(ids) - 1), temperature, rng)
+        if nxt in stops:
             break
         ids.append(nxt)
         new.append(nxt)

@@ -70,8 +70,8 @@ def _state_bytes(m) -> int:
 
 def check_bundle(bundle: Path, threads: int | None, facts: list, problems: list) -> None:
     from mobiletune.runtime.bundle import read_manifest, verify_files
-    from mobiletune.runtime.litert import BundleRunner
     from mobiletune.runtime.metrics import peak_rss_mb
+    from mobiletune.runtime.runner import open_bundle
     try:
         m = read_manifest(bundle)
         verify_files(bundle, m)
@@ -96,7 +96,7 @@ def check_bundle(bundle: Path, threads: int | None, facts: list, problems: list)
              "loss_mask": np.ones((k, m.seq_len), np.float32)}
     try:
         with _CaptureStderr() as cap:  # LiteRT says once per process when XNNPACK comes up
-            runner = BundleRunner.open(bundle, threads=threads, verify=False)
+            runner = open_bundle(bundle, threads=threads, verify=False)
             runner.accumulate(batch)              # first call: arenas, weight packing
         t0 = time.perf_counter()
         runner.accumulate(batch)

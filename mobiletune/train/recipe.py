@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mobiletune.errors import MobiletuneError
 from mobiletune.models.lora import LoraConfig
+from mobiletune.runtime.energy.scheduler import Thresholds
 from mobiletune.train.optim import OptimConfig
 
 
@@ -45,6 +46,7 @@ class Recipe:
     checkpoint_every: int = 50
     loss_chunk: int = 64                  # positions per chunk of the chunked cross-entropy
     save_merged: bool = True              # LoRA: also write the merged HF checkpoint
+    thresholds: Thresholds = field(default_factory=Thresholds)  # the phone's energy scheduler
 
     def __post_init__(self):
         for k in ("seq_len", "micro_batch", "accumulation", "steps", "loss_chunk"):
@@ -60,6 +62,10 @@ class Recipe:
     @property
     def batch_size(self) -> int:
         return self.micro_batch * self.accumulation
+
+    def optim_config(self) -> OptimConfig:
+        """The optimizer with its schedule's horizon set to the recipe's ``steps``."""
+        return dataclasses.replace(self.optim, total_steps=self.steps)
 
     def data_config(self):
         """The shared data pipeline's settings (desktop and phone build the same batches)."""

@@ -15,14 +15,12 @@ Output directory:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -34,8 +32,9 @@ from mobiletune.models import lora
 from mobiletune.runtime import data as D
 from mobiletune.runtime.metrics import MetricsLog, peak_rss_mb
 from mobiletune.runtime.progress import Progress
-from mobiletune.train.optim import make_optimizer, schedule
+from mobiletune.train.optim import schedule
 from mobiletune.train.recipe import Recipe
+from mobiletune.train.setup import build_steps
 from mobiletune.train.step import Steps, step_key
 
 
@@ -83,24 +82,8 @@ def prepare_run(recipe: Recipe, out: Path) -> tuple[Run, dict]:
         raise MobiletuneError(f"data: {len(prep.train)} training examples of {recipe.seq_len + 1} "
                               f"tokens, fewer than one batch of {recipe.batch_size}")
     steps, trainable, frozen = build_steps(recipe, m)
-    oc = dataclasses.replace(recipe.optim, total_steps=recipe.steps)
-    return Run(recipe, m, prep.train, prep.val, steps, frozen, out, schedule(oc)), trainable
-
-
-def build_steps(recipe: Recipe, m: LoadedModel) -> tuple[Steps, dict, dict]:
-    """(step functions, initial trainable params, frozen params) for a recipe and model.
-    Consumes ``m.params`` (moved to the device as jax arrays)."""
-    params = {k: jnp.asarray(v) for k, v in m.params.items()}
-    m.params = None  # the numpy copy is no longer needed
-    oc = dataclasses.replace(recipe.optim, total_steps=recipe.steps)
-    if recipe.lora is not None:
-        trainable = lora.init_lora(m.cfg, recipe.lora, jax.random.PRNGKey(recipe.seed))
-        frozen = params
-    else:
-        trainable, frozen = params, {}
-    steps = Steps(m.cfg, recipe.lora.resolved(m.cfg) if recipe.lora else None,
-                  make_optimizer(oc), recipe.loss_chunk)
-    return steps, trainable, frozen
+    return (Run(recipe, m, prep.train, prep.val, steps, frozen, out,
+                schedule(recipe.optim_config())), trainable)
 
 
 def evaluate(run: Run, fns, trainable) -> float | None:

@@ -21,11 +21,9 @@ Providers have ``read(now) -> scheduler.Reading`` (``now``: the trainer's clock,
   first). Bad files fail at load with ``file:line``.
 - ``NoBattery``: all None (the scheduler then runs at full speed).
 
-Clocks: ``SimClock`` (simulated; sleep/advance add) for traces and tests, ``RealClock``
-(monotonic seconds since start; sleep really sleeps; advance is a no-op because the
-measured time has already passed). ``EnergyMeter`` integrates |I|*V over a step by the
-trapezoid rule when both ends have current and voltage and neither is charging (the battery
-current is then consumption minus the charger's input, not consumption), else None.
+``open_provider(spec)`` picks one through the ``PROVIDERS`` registry (which also writes the
+CLI's help for ``--battery``). The clocks are in ``energy.clocks``, the per-step energy in
+``energy.meter``.
 """
 
 from __future__ import annotations
@@ -38,6 +36,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Protocol
 
 from mobiletune.errors import MobiletuneError
 from mobiletune.runtime.energy.scheduler import Reading
@@ -238,82 +237,37 @@ class NoBattery:
         return Reading(time=time.time() if now is None else now, source="none")
 
 
-def _nonneg(s: float) -> float:
-    if _num(s, lo=0) is None:
-        raise ValueError(f"a duration must be finite and >= 0, got {s!r}")
-    return float(s)
+class Provider(Protocol):
+    """What the trainer reads the battery through: ``read(now)`` -> ``Reading`` (None for
+    any value it cannot get). ``end_time`` (a trace's last row) is optional."""
+
+    def read(self, now: float | None = None) -> Reading: ...
 
 
-class SimClock:
-    """Simulated seconds: nothing waits; the trainer advances it by measured compute time
-    and sleeps (``sleep`` and ``advance`` are the same)."""
-    def __init__(self, start: float = 0.0):
-        self.t = float(start)
-
-    def now(self) -> float:
-        return self.t
-
-    def advance(self, s: float) -> None:
-        self.t += _nonneg(s)
-
-    sleep = advance
+def _open_trace(arg: str, **_):
+    if not arg:
+        raise BatteryError("--battery trace:FILE needs a file")
+    return TraceBattery(arg), f"trace {arg} (simulated clock)"
 
 
-class RealClock:
-    """Monotonic seconds since construction; ``advance`` is a no-op (the time has passed)."""
-    def __init__(self):
-        self.t0 = time.monotonic()
-
-    def now(self) -> float:
-        return time.monotonic() - self.t0
-
-    def sleep(self, s: float) -> None:
-        time.sleep(_nonneg(s))
-
-    def advance(self, s: float) -> None:
-        _nonneg(s)
+def _open_none(arg: str, **_):
+    return NoBattery(), "none (no readings; training at full speed)"
 
 
-class EnergyMeter:
-    """Joules per step from the readings at its start and end; ``total_j`` sums the
-    measured steps and ``unmeasured`` counts the others."""
-    def __init__(self):
-        self.total_j, self.measured, self.unmeasured = 0.0, 0, 0
-
-    @staticmethod
-    def power_w(r: Reading) -> float | None:
-        ok = r.charging is not True and r.current_a and r.voltage_v is not None
-        return abs(r.current_a) * r.voltage_v if ok else None
-
-    def step(self, start: Reading, end: Reading) -> float | None:
-        p0, p1, dt = self.power_w(start), self.power_w(end), end.time - start.time
-        if p0 is None or p1 is None or not dt > 0:
-            self.unmeasured += 1
-            return None
-        j = 0.5 * (p0 + p1) * dt
-        self.total_j += j
-        self.measured += 1
-        return j
+def _open_sysfs(arg: str, sysfs_root=SYSFS_ROOT, **_):
+    b = SysfsBattery(sysfs_root)
+    return b, f"sysfs {b.path}"
 
 
-def open_provider(spec: str, sysfs_root=SYSFS_ROOT, termux_command=TERMUX_COMMAND):
-    """``auto | sysfs | termux | trace:FILE | none`` -> (provider, what was picked)."""
-    spec = (spec or "").strip()
-    if spec.startswith("trace:") and spec[6:]:
-        return TraceBattery(spec[6:]), f"trace {spec[6:]} (simulated clock)"
-    if spec == "none":
-        return NoBattery(), "none (no readings; training at full speed)"
-    if spec == "sysfs":
-        b = SysfsBattery(sysfs_root)
-        return b, f"sysfs {b.path}"
-    if spec == "termux":
-        if shutil.which(termux_command[0]) is None:
-            raise BatteryError(f"termux: {termux_command[0]} not on PATH (pkg install termux-api)")
-        b = TermuxBattery(termux_command)
-        b.read(0.0)
-        return b, f"termux ({' '.join(termux_command)})"
-    if spec != "auto":
-        raise BatteryError(f"--battery {spec!r}: expected auto, sysfs, termux, trace:FILE or none")
+def _open_termux(arg: str, termux_command=TERMUX_COMMAND, **_):
+    if shutil.which(termux_command[0]) is None:
+        raise BatteryError(f"termux: {termux_command[0]} not on PATH (pkg install termux-api)")
+    b = TermuxBattery(termux_command)
+    b.read(0.0)
+    return b, f"termux ({' '.join(termux_command)})"
+
+
+def _open_auto(arg: str, sysfs_root=SYSFS_ROOT, termux_command=TERMUX_COMMAND, **_):
     path = find_battery(sysfs_root)
     if path is not None:
         return SysfsBattery(path=path), f"sysfs {path} (auto)"
@@ -326,3 +280,26 @@ def open_provider(spec: str, sysfs_root=SYSFS_ROOT, termux_command=TERMUX_COMMAN
             return NoBattery(), f"none (auto: no sysfs battery; {e})"
     return NoBattery(), (f"none (auto: no battery under {sysfs_root}, no {termux_command[0]} "
                          f"on PATH; training at full speed)")
+
+
+# --battery value -> (how to open it, what it reads); ``trace`` takes ``trace:FILE``
+PROVIDERS = {
+    "auto": (_open_auto, "sysfs if a battery is found, else termux-battery-status, else none"),
+    "sysfs": (_open_sysfs, "/sys/class/power_supply (Linux; Android often denies it to apps)"),
+    "termux": (_open_termux, "termux-battery-status (Termux:API)"),
+    "trace": (_open_trace, "trace:FILE replays a CSV/JSONL trace on a simulated clock"),
+    "none": (_open_none, "no readings: train at full speed"),
+}
+
+
+def providers_help() -> str:
+    return "; ".join(f"{k}{':FILE' if k == 'trace' else ''}: {d}" for k, (_, d) in PROVIDERS.items())
+
+
+def open_provider(spec: str, sysfs_root=SYSFS_ROOT, termux_command=TERMUX_COMMAND):
+    """``auto | sysfs | termux | trace:FILE | none`` -> (provider, what was picked)."""
+    name, _, arg = (spec or "").strip().partition(":")
+    if name not in PROVIDERS or (arg and name != "trace"):
+        raise BatteryError(f"--battery {spec!r}: expected "
+                           f"{', '.join(k + (':FILE' if k == 'trace' else '') for k in PROVIDERS)}")
+    return PROVIDERS[name][0](arg, sysfs_root=sysfs_root, termux_command=termux_command)

@@ -1,10 +1,12 @@
-"""The sharded bundle's weight store: one safetensors file, memory-mapped, read a tensor (or
-a block of rows) at a time and widened to float32; pages are handed back to the kernel
-(``MADV_DONTNEED``) once a tensor has been copied, so a resident mapped page — which counts
-in RSS — does not outlive its use."""
+"""The sharded bundle's frozen weights: ``WeightStore`` reads one safetensors file,
+memory-mapped, a tensor (or a block of rows) at a time, widened to float32; pages are handed
+back to the kernel (``MADV_DONTNEED``) once a tensor has been copied, so a resident mapped
+page — which counts in RSS — does not outlive its use. ``LayerCache`` keeps widened weights
+between the passes when a memory budget allows."""
 
 from __future__ import annotations
 
+import collections
 import mmap
 import os
 from pathlib import Path
@@ -26,7 +28,7 @@ class WeightStore:
             raise BundleError(str(e)) from None
         self.entries = {}
         for name, e in header.items():
-            dt = st._DTYPES.get(e["dtype"])
+            dt = st.DTYPES.get(e["dtype"])
             if dt not in (np.float32, np.float16):
                 raise BundleError(f"{self.path}: tensor {name!r} is {e['dtype']}; the weight "
                                   f"store holds F32 or F16")
@@ -91,6 +93,39 @@ class WeightStore:
             os.preadv(self._f.fileno(), [rows[j]], off + int(i) * row * dt.itemsize)
         return rows[inv].reshape(*ids.shape, *shape[1:]).astype(np.float32, copy=False)
 
-    def close(self):
-        self._mm.close()
-        self._f.close()
+
+class LayerCache:
+    """Frozen weights widened to float32, kept between a layer's forward and backward pass
+    as far as a memory budget allows (least recently used first out). Without a budget
+    nothing is kept; with one, the room left after the first micro-batch (which measured
+    what a step needs) becomes the cache's capacity."""
+
+    def __init__(self, store: WeightStore, budget_mb: float | None):
+        self.store, self.budget = store, budget_mb
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._cap = 0 if budget_mb is None else None   # None: set after the first micro-batch
+        self._bytes = 0
+
+    def get(self, name: str) -> np.ndarray:
+        hit = self._cache.get(name)
+        if hit is not None:
+            self._cache.move_to_end(name)
+            return hit
+        a = self.store.get(name)
+        if self._cap:
+            self._cache[name] = a
+            self._bytes += a.nbytes
+            while self._bytes > self._cap and self._cache:
+                _, old = self._cache.popitem(last=False)
+                self._bytes -= old.nbytes
+        return a
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of widened weights held now."""
+        return self._bytes
+
+    def measured(self, rss_mb: float) -> None:
+        """Called after a micro-batch: fixes the capacity from the budget's headroom."""
+        if self._cap is None:
+            self._cap = max(0, int((self.budget - rss_mb - 64) * 2**20))

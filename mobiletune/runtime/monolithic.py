@@ -1,0 +1,64 @@
+"""A monolithic bundle in LiteRT: one program whose signatures share resource variables
+(the state). ``MonolithicRunner`` is a ``runtime.runner.Runner``; open it with
+``runtime.runner.open_bundle``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mobiletune.runtime import bundle as B
+from mobiletune.runtime.runner import check_state, check_variant, load_tensors, padded_tokens
+
+
+class MonolithicRunner:
+    def __init__(self, bundle_dir: Path, manifest: B.Manifest, calls):
+        self.dir, self.manifest, self._run = Path(bundle_dir), manifest, calls
+        if manifest.frozen:
+            frozen = load_tensors(self.dir / B.BASE)
+            want = {s.name for s in manifest.frozen}
+            if set(frozen) != want:
+                lost = sorted(want ^ set(frozen))
+                raise B.BundleError(f"{self.dir / B.BASE}: tensor {lost[0]!r} is not what the "
+                                    f"manifest's frozen list says")
+            self._run(B.SET_FROZEN, {B.input_name(k): v for k, v in frozen.items()})
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Contract name -> array, in the manifest's shapes (LiteRT hands scalars out as
+        shape (1,))."""
+        out = self._run(B.GET_STATE, {})
+        return {s.name: np.array(out[s.name]).reshape(s.shape) for s in self.manifest.state}
+
+    def set_state(self, state: dict, zeros_for_missing: bool = False) -> None:
+        state = check_state(self.manifest, state, zeros_for_missing)
+        self._run(B.SET_STATE, {B.input_name(k): np.asarray(v, order="C")
+                                for k, v in state.items()})
+
+    @staticmethod
+    def _batch(batch: dict) -> dict:
+        return {"inputs": np.asarray(batch["inputs"], np.int32),
+                "targets": np.asarray(batch["targets"], np.int32),
+                "loss_mask": np.asarray(batch["loss_mask"], np.float32)}
+
+    def train_step(self, batch: dict) -> float:
+        k = check_variant(self.manifest, batch)
+        return float(self._run(B.train_step_sig(k), self._batch(batch))["loss"])
+
+    def accumulate(self, batch: dict) -> tuple[float, float]:
+        k = check_variant(self.manifest, batch)
+        out = self._run(B.accumulate_sig(k), self._batch(batch))
+        return float(out["nll"]), float(out["count"])
+
+    def apply(self) -> tuple[float, int]:
+        out = self._run(B.APPLY, {})
+        return float(out["loss"]), int(np.asarray(out["step"]).reshape(()))
+
+    def eval(self, batch: dict) -> tuple[float, float]:
+        k = check_variant(self.manifest, batch)
+        out = self._run(B.eval_sig(k), self._batch(batch))
+        return float(out["nll"]), float(out["count"])
+
+    def infer(self, tokens, last: int) -> np.ndarray:
+        t = padded_tokens(self.manifest, tokens)
+        return np.array(self._run(B.INFER, {"tokens": t, "last": np.int32(last)})["logits"])

@@ -1,0 +1,121 @@
+"""One interface over both kinds of bundle: ``open_bundle(dir)`` returns a ``Runner``.
+
+A runner holds a bundle's training state and runs its signatures: the device trainer,
+``device generate``, ``doctor`` and the checks in ``verify`` use only this interface, so a
+monolithic bundle (``runtime.monolithic``: one program over LiteRT resource variables) and
+a sharded one (``runtime.sharded``: per-block signatures, the state on the host) are
+interchangeable. The checks both share live here: a full, well-typed state; a micro-batch
+size the bundle has signatures for; a prompt that fits the window.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from mobiletune.io import safetensors as st
+from mobiletune.runtime.bundle import (
+    PROGRAM,
+    STATE,
+    BundleError,
+    Manifest,
+    read_manifest,
+    verify_files,
+)
+
+
+class Runner(Protocol):
+    manifest: Manifest
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The whole state by contract name (may be read-only views: copy or write it out
+        before the next step)."""
+
+    def set_state(self, state: dict, zeros_for_missing: bool = False) -> None:
+        """Load a whole state; ``zeros_for_missing`` fills tensors the dict leaves out."""
+
+    def accumulate(self, batch: dict) -> tuple[float, float]:
+        """Add one micro-batch's summed-NLL gradients: (summed NLL, counted tokens)."""
+
+    def apply(self) -> tuple[float, int]:
+        """One optimizer step on what was accumulated: (mean loss, steps taken so far)."""
+
+    def eval(self, batch: dict) -> tuple[float, float]:
+        """(summed NLL, counted tokens) of a micro-batch, no update."""
+
+    def infer(self, tokens, last: int) -> np.ndarray:
+        """Next-token logits (V,) at position ``last`` of ``tokens``."""
+
+
+def open_bundle(bundle_dir, threads: int | None = None, state: dict | None = None,
+                verify: bool = True, memory_budget_mb: float | None = None) -> Runner:
+    """Validate the manifest (and, with ``verify``, every file's size and sha256), load the
+    program into LiteRT, check its signatures against the manifest, and load the initial
+    state (or ``state``). ``memory_budget_mb`` applies to sharded bundles."""
+    from mobiletune.runtime.litert import LiteRTCalls
+    d = Path(bundle_dir)
+    m = read_manifest(d)
+    if "program" not in m.files:
+        raise BundleError(f"{d}: the manifest names no program file (exported without one)")
+    if verify:
+        verify_files(d, m)
+    calls = LiteRTCalls.open(d / PROGRAM, m, threads)
+    if m.sharded is not None:
+        from mobiletune.runtime.sharded import ShardedRunner
+        r = ShardedRunner(d, m, calls, memory_budget_mb)
+    else:
+        from mobiletune.runtime.monolithic import MonolithicRunner
+        r = MonolithicRunner(d, m, calls)
+    if state is None:
+        r.set_state(load_tensors(d / STATE), zeros_for_missing=True)
+    else:
+        r.set_state(state)
+    return r
+
+
+def load_tensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return st.load(path, mmap=False)
+    except st.SafetensorsError as e:
+        raise BundleError(str(e)) from None
+
+
+def check_state(m: Manifest, state: dict, zeros_for_missing: bool = False) -> dict:
+    """``state`` completed (zeros where allowed) and checked against the manifest: every
+    tensor present, none extra, each with the manifest's shape and dtype."""
+    specs = {s.name: s for s in m.state}
+    if zeros_for_missing:
+        state = {**{n: np.zeros(s.shape, s.dtype) for n, s in specs.items() if n not in state},
+                 **state}
+    missing = sorted(set(specs) - set(state))
+    if missing:
+        raise BundleError(f"state lacks tensor {missing[0]!r} (and {len(missing) - 1} more)")
+    extra = sorted(set(state) - set(specs))
+    if extra:
+        raise BundleError(f"state tensor {extra[0]!r} is not part of this bundle's state")
+    out = {}
+    for name, spec in specs.items():
+        a = np.asarray(state[name])
+        if tuple(a.shape) != tuple(spec.shape) or a.dtype != np.dtype(spec.dtype):
+            raise BundleError(f"state tensor {name!r}: {a.dtype}{list(a.shape)}, the bundle "
+                              f"needs {spec.dtype}{list(spec.shape)}")
+        out[name] = a
+    return out
+
+
+def check_variant(m: Manifest, batch: dict) -> int:
+    k = len(batch["inputs"])
+    if k not in m.variants:
+        raise BundleError(f"micro-batch {k} has no signatures; variants: {list(m.variants)}")
+    return k
+
+
+def padded_tokens(m: Manifest, tokens) -> np.ndarray:
+    """(1, seq_len) int32: ``tokens`` then zeros (positions after ``last`` do not matter)."""
+    if len(tokens) > m.seq_len:
+        raise BundleError(f"{len(tokens)} tokens do not fit the bundle's window of {m.seq_len}")
+    t = np.zeros((1, m.seq_len), np.int32)
+    t[0, : len(tokens)] = tokens
+    return t

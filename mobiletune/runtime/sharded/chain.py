@@ -1,0 +1,205 @@
+"""``ShardedRunner``: one micro-batch through a sharded bundle's per-block signatures.
+
+  h_0 = embed(tokens)                           host: rows read from the weight store
+  h_{i+1} = block_fwd(h_i, W_i)                 every layer, h_i kept (B·T·D each)
+  hn = norm_fwd(h_L)
+  per vocabulary chunk: head_fwd(hn, W_c)       the host merges the chunks' log-sum-exp
+                                                and softmax-weighted rows online
+  [head_wgrad per chunk, when the head trains]
+  dh = norm_bwd(h_L, dhn); dh, dW_i = block_bwd(h_i, dh, W_i)   (recomputes the block)
+  [embedding gradient: a host scatter-add, when the embedding trains]
+
+Memory: the trainable state, the boundary activations (one (B, T, D) per layer), one
+layer's widened weights (or one vocabulary chunk of the head) and the interpreter's arenas;
+``memory_budget_mb`` lets widened weights stay between the passes (``weights.LayerCache``).
+It is a ``runtime.runner.Runner``; open it with ``runtime.runner.open_bundle``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mobiletune.runtime import bundle as B
+from mobiletune.runtime.metrics import rss_mb
+from mobiletune.runtime.runner import check_variant, padded_tokens
+from mobiletune.runtime.sharded import optimizer
+from mobiletune.runtime.sharded.host_state import HostState
+from mobiletune.runtime.sharded.weights import LayerCache, WeightStore
+
+
+class ShardedRunner:
+    def __init__(self, bundle_dir: Path, manifest: B.Manifest, calls, memory_budget_mb=None):
+        self.dir, self.manifest, self.call = Path(bundle_dir), manifest, calls
+        self.lay = manifest.sharded
+        self.store = WeightStore(self.dir / B.WEIGHTS)
+        self.cache = LayerCache(self.store, memory_budget_mb)
+        self.state = HostState(manifest)
+        self.vocab = int(manifest.model["vocab_size"])
+        self.softcap = manifest.model.get("final_logit_softcapping")
+
+    # --- the Runner interface -------------------------------------------------------------
+    def get_state(self) -> dict[str, np.ndarray]:
+        return self.state.get_state()
+
+    def set_state(self, state: dict, zeros_for_missing: bool = False) -> None:
+        self.state.set_state(state, zeros_for_missing)
+
+    @property
+    def grad(self) -> dict:
+        """The accumulated gradient of every trainable tensor (HF name -> array)."""
+        return self.state.grad
+
+    def accumulate(self, batch: dict) -> tuple[float, float]:
+        check_variant(self.manifest, batch)
+        nll, count = self._loss_and_grads(batch, grads=True)
+        self.state.acc_nll[...] += np.float32(nll)
+        self.state.acc_count[...] += np.float32(count)
+        self.cache.measured(rss_mb())
+        return nll, count
+
+    def eval(self, batch: dict) -> tuple[float, float]:
+        check_variant(self.manifest, batch)
+        return self._loss_and_grads(batch, grads=False)
+
+    def apply(self) -> tuple[float, int]:
+        return optimizer.apply(self.state, self.call)
+
+    def infer(self, tokens, last: int) -> np.ndarray:
+        """Next-token logits (V,) at position ``last``: the block chain with micro-batch 1,
+        then the head row by row on the host (one position: a matrix-vector product)."""
+        if 1 not in self.manifest.variants:
+            raise B.BundleError(f"{self.dir}: inference needs the micro-batch-1 variant; "
+                                f"export with --variants including 1")
+        _, hn, _ = self._forward({"inputs": padded_tokens(self.manifest, tokens)})
+        h = hn[0, last]
+        logits = np.empty(self.vocab, np.float32)
+        for c0, n, w, _ in self._head_chunks():
+            logits[c0:c0 + n] = w[:n] @ h
+        if self.softcap is not None:
+            logits = np.tanh(logits / np.float32(self.softcap)) * np.float32(self.softcap)
+        return logits
+
+    # --- weights --------------------------------------------------------------------------
+    def weight(self, name: str) -> np.ndarray:
+        return self.state.tensor.get(name) if name in self.state.tensor else self.cache.get(name)
+
+    def _layer_inputs(self, i: int) -> dict:
+        ly = self.lay.layers[i]
+        kind = self.lay.kinds[ly.kind]
+        w = {B.W + r: self.weight(ly.prefix + r) for r in kind.frozen + kind.trainable}
+        if ly.attn is not None:
+            theta, factor, window = ly.attn
+            w.update(rope_theta=np.float32(theta), rope_factor=np.float32(factor),
+                     window=np.int32(window))
+        return w
+
+    def _rows(self, name: str, ids) -> np.ndarray:
+        """rows[ids] of a 2-D tensor, from the trainable state or the store."""
+        t = self.state.tensor
+        return t[name][ids] if name in t else self.store.gather_rows(name, ids)
+
+    def _embed(self, ids) -> np.ndarray:
+        h = self._rows(self.lay.embed, ids)
+        if self.lay.positions:
+            h = h + self._rows(self.lay.positions, np.arange(ids.shape[1]))[None]
+        if self.lay.embed_scale is not None:
+            h = h * np.float32(self.lay.embed_scale)
+        return h.astype(np.float32, copy=False)
+
+    def _head_chunks(self):
+        """(row offset, rows, float32 (Vc, D) weights, col_valid) per vocabulary chunk."""
+        name, vc, t = self.lay.head, self.lay.vocab_chunk, self.state.tensor
+        v, d = self.state.shapes.get(name) or self.store.shape(name)
+        buf = np.zeros((vc, d), np.float32)
+        valid = np.ones(vc, np.float32)
+        for c0 in range(0, v, vc):
+            n = min(vc, v - c0)
+            if name in t:
+                buf[:n] = t[name][c0:c0 + n]
+            else:
+                self.store.get(name, c0, c0 + n, out=buf)
+            if n < vc:  # the last, partial chunk
+                buf[n:] = 0
+                valid = np.zeros(vc, np.float32)
+                valid[:n] = 1
+            yield c0, n, buf, valid
+
+    # --- the chain ------------------------------------------------------------------------
+    def _forward(self, batch) -> tuple[list, np.ndarray, dict]:
+        k = len(batch["inputs"])
+        hs = [self._embed(np.asarray(batch["inputs"], np.int32))]
+        for i, ly in enumerate(self.lay.layers):
+            out = self.call(B.block_fwd_sig(ly.kind, k), {"h": hs[-1], **self._layer_inputs(i)})
+            hs.append(out["h"])
+        norm = {B.W + n: self.weight(n) for n in self.lay.norm}
+        hn = self.call(B.norm_fwd_sig(k), {"h": hs[-1], **norm})["hn"]
+        return hs, hn, norm
+
+    def _head(self, k, hn, targets, grads: bool):
+        """Merge the vocabulary chunks online: log-sum-exp, target logit, and (grads) the
+        softmax-weighted rows u and the target's row t, so dhn = mask · (u - t)."""
+        lse = np.full(targets.shape, -np.inf, np.float32)
+        tl = np.zeros(targets.shape, np.float32)
+        tg = np.zeros(targets.shape, np.float32)
+        u = np.zeros(hn.shape, np.float32) if grads else None
+        for c0, _, w, valid in self._head_chunks():
+            o = self.call(B.head_fwd_sig(k), {"hn": hn, "w": w, "col_valid": valid,
+                                              "labels": (targets - c0).astype(np.int32)})
+            new = np.logaddexp(lse, o["lse"])
+            if grads:
+                u = u * np.exp(lse - new)[..., None] + o["u"] * np.exp(o["lse"] - new)[..., None]
+            lse = new
+            tl += o["target_logit"]
+            if "target_g" in o:
+                tg += o["target_g"]
+        t = None
+        if grads:
+            t = self._rows(self.lay.head, np.clip(targets, 0, self.vocab - 1))
+            if self.softcap is not None:
+                t = t * tg[..., None]
+        return lse, tl, u, t
+
+    def _loss_and_grads(self, batch, grads: bool) -> tuple[float, float]:
+        k = len(batch["inputs"])
+        ids = np.asarray(batch["inputs"], np.int32)
+        targets = np.asarray(batch["targets"], np.int32)
+        mask = np.asarray(batch["loss_mask"], np.float32)
+        hs, hn, norm = self._forward(batch)
+        lse, tl, u, t = self._head(k, hn, targets, grads)
+        nll = float(((lse - tl) * mask).sum(dtype=np.float32))
+        count = float(mask.sum(dtype=np.float32))
+        if not grads:
+            return nll, count
+        dhn = ((u - t) * mask[..., None]).astype(np.float32)
+        grad, head = self.state.grad, self.lay.head
+        if head in grad:
+            for c0, n, w, valid in self._head_chunks():
+                g = self.call(B.head_wgrad_sig(k), {"hn": hn, "w": w, "col_valid": valid,
+                                                    "labels": (targets - c0).astype(np.int32),
+                                                    "lse": lse, "mask": mask})["g"]
+                grad[head][c0:c0 + n] += g[:n]
+        out = self.call(B.norm_bwd_sig(k), {"h": hs[-1], "dhn": dhn, **norm})
+        self._add_grads("", out)
+        dh = out["dh"]
+        for i in reversed(range(len(self.lay.layers))):
+            ly = self.lay.layers[i]
+            out = self.call(B.block_bwd_sig(ly.kind, k), {"h": hs[i], "dh": dh,
+                                                           **self._layer_inputs(i)})
+            self._add_grads(ly.prefix, out)
+            dh = out["dh"]
+        emb, pos = self.lay.embed, self.lay.positions
+        if emb in grad or pos in grad:
+            if self.lay.embed_scale is not None:
+                dh = dh * np.float32(self.lay.embed_scale)
+            if emb in grad:
+                np.add.at(grad[emb], ids.reshape(-1), dh.reshape(-1, dh.shape[-1]))
+            if pos in grad:
+                grad[pos][: ids.shape[1]] += dh.sum(0)
+        return nll, count
+
+    def _add_grads(self, prefix: str, out: dict) -> None:
+        for key, g in out.items():
+            if key.startswith(B.G):
+                self.state.grad[prefix + key[len(B.G):]] += g
