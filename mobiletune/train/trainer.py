@@ -99,7 +99,7 @@ def build_steps(recipe: Recipe, m: LoadedModel) -> tuple[Steps, dict, dict]:
     else:
         trainable, frozen = params, {}
     steps = Steps(m.cfg, recipe.lora.resolved(m.cfg) if recipe.lora else None,
-                  make_optimizer(oc), recipe.loss_chunk)
+                  make_optimizer(oc, m.cfg.family), recipe.loss_chunk)
     return steps, trainable, frozen
 
 
