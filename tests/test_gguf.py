@@ -13,8 +13,9 @@ from gguf.quants import dequantize, quantize
 
 import mobiletune.formats.gguf as gguf_reader
 from mobiletune.errors import CheckpointError
-from mobiletune.formats.gguf import _expected_shapes, parse_gguf, read_gguf
+from mobiletune.formats.gguf import parse_gguf, read_gguf
 from mobiletune.formats.gguf_tokenizer import read_gguf_metadata
+from mobiletune.models import param_shapes
 from mobiletune.models.config import ModelConfig, preset
 
 TINY = dict(vocab_size=64, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -65,7 +66,7 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def _random_params(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {k: (rng.standard_normal(s) * 0.1).astype(np.float32)
-            for k, s in _expected_shapes(cfg).items()}
+            for k, s in param_shapes(cfg).items()}
 
 
 def _to_gguf(cfg: ModelConfig, hf: str, w: np.ndarray) -> np.ndarray:

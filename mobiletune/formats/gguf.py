@@ -2,7 +2,9 @@
 
 ``read_gguf(path)`` dequantizes every tensor (any type ``gguf.quants.dequantize`` knows:
 F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, Q2_K..Q6_K, IQ*, ...), renames it to its Hugging
-Face state-dict name and undoes what llama.cpp's ``convert_hf_to_gguf.py`` changed:
+Face state-dict name and undoes what llama.cpp's ``convert_hf_to_gguf.py`` changed. The
+names, the config keys and these fixups come from the family's spec (``FamilySpec.gguf``;
+the parameter shapes from ``FamilySpec.param_shapes``):
 
 * ``llama``: Q/K rows were permuted (``LlamaModel.permute``) for llama.cpp's RoPE; we
   permute them back. ``qwen2`` and ``gemma3`` are not permuted by llama.cpp.
@@ -34,44 +36,16 @@ import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from mobiletune import families
 from mobiletune.errors import CheckpointError
-
-if TYPE_CHECKING:  # imported where used: mobiletune.models pulls in jax, gguf_tokenizer need not
-    from mobiletune.models.config import ModelConfig
+from mobiletune.families import ConfigError, FamilySpec, ModelConfig
 
 _MAX_INLINE_ARRAY = 1024
 _CHUNK_BYTES = 1 << 18  # quantized bytes handed to gguf's dequantize per call
-ARCHITECTURES = ("llama", "qwen2", "gemma3", "gpt2")
-
-# GGUF name -> HF name. Block tensors use "{i}"; the suffix (.weight/.bias) is kept.
-_GLOBAL = {
-    "gpt2": {"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
-             "output_norm": "transformer.ln_f", "output": "lm_head"},
-    "llama": {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
-              "output": "lm_head"},
-}
-_BLOCK = {
-    "gpt2": {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
-             "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
-    "llama": {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
-              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-              "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj"},
-}
-_BLOCK["gemma3"] = {**_BLOCK["llama"], "ffn_norm": "pre_feedforward_layernorm",
-                    "post_attention_norm": "post_attention_layernorm",
-                    "post_ffw_norm": "post_feedforward_layernorm",
-                    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
-_BLOCK["qwen2"] = _BLOCK["llama"]
-_GLOBAL["qwen2"] = _GLOBAL["gemma3"] = _GLOBAL["llama"]
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_HIDDEN_ACT = {"gpt2": "gelu_new", "llama": "silu", "qwen2": "silu",
-               "gemma3": "gelu_pytorch_tanh"}
 
 
 @dataclass
@@ -108,31 +82,33 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     data = _tensor_data(file)
     metadata = file.metadata
     arch = metadata.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    spec = families.GGUF_ARCHS.get(arch) if isinstance(arch, str) else None
+    if spec is None:
         raise CheckpointError(f"{path}: unsupported architecture {arch!r} (key "
-                              f"general.architecture); supported: {list(ARCHITECTURES)}")
+                              f"general.architecture); supported: {list(families.GGUF_ARCHS)}")
     tensors = {name: t.ne for name, t in file.tensors.items()}
-    tied_copy = (arch == "gpt2" and "output.weight" in data and "token_embd.weight" in data
+    tied_copy = (spec.gguf.head_may_copy_embed and "output.weight" in data
+                 and "token_embd.weight" in data
                  and _same_bytes(data["output.weight"], data["token_embd.weight"]))
     if tied_copy:
         del tensors["output.weight"]
-    config = _config(path, arch, metadata, tensors)
+    config = _config(path, spec, metadata, tensors)
 
-    expected = _expected_shapes(config)
+    expected = spec.param_shapes(config)
     names = {}
     for name, ne in tensors.items():
-        hf = _hf_name(arch, name)
+        hf = _hf_name(spec, name)
         if hf is None or hf not in expected:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} for a {arch} model "
                                   f"(maps to {hf or 'no Hugging Face name'})")
-        shape = ne if hf.endswith(_CONV1D) else ne[::-1]  # numpy order, Conv1D transposed
+        shape = ne if _conv1d_weight(spec, hf) else ne[::-1]  # numpy order, Conv1D transposed
         if shape != expected[hf]:
             raise CheckpointError(f"{path}: tensor {name!r} ({hf}) has shape {shape} but the "
                                   f"config implies {expected[hf]}")
         names[hf] = name
     missing = sorted(set(expected) - set(names))
     if missing:
-        listed = ", ".join(f"{_gguf_name(arch, m)} ({m})" for m in missing[:5])
+        listed = ", ".join(f"{_gguf_name(spec, m)} ({m})" for m in missing[:5])
         raise CheckpointError(f"{path}: missing tensor(s) {listed}"
                               f"{' ...' if len(missing) > 5 else ''} for a {arch} model "
                               f"with {config.num_layers} layers")
@@ -140,7 +116,7 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     params, qtypes = {}, {}
     for hf, name in names.items():
         qtype, raw = data[name]
-        params[hf] = _convert(path, config, hf, name, qtype, raw, expected[hf])
+        params[hf] = _convert(path, spec, config, hf, name, qtype, raw, expected[hf])
         qtypes[hf] = qtype.name
     return GGUFCheckpoint(config, params, metadata, path, qtypes, file)
 
@@ -369,19 +345,26 @@ def _dequantize(path: Path, name: str, qtype, raw: np.ndarray) -> np.ndarray:
     return out
 
 
-def _convert(path: Path, cfg: ModelConfig, hf: str, name: str, qtype, raw: np.ndarray,
-             shape: tuple) -> np.ndarray:
-    """Dequantize one tensor to float32 in HF layout."""
+def _convert(path: Path, spec: FamilySpec, cfg: ModelConfig, hf: str, name: str, qtype,
+             raw: np.ndarray, shape: tuple) -> np.ndarray:
+    """Dequantize one tensor to float32 in HF layout, undoing the spec's GGUF fixups."""
+    g = spec.gguf
     w = _dequantize(path, name, qtype, raw)
-    if hf.endswith(_CONV1D):
+    if _conv1d_weight(spec, hf):
         w = np.ascontiguousarray(w.T)
     w = w.reshape(shape)
-    if cfg.family == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias",
-                                              "k_proj.weight", "k_proj.bias")):
-        w = _unpermute(w, cfg.num_heads if ".q_proj." in hf else cfg.num_kv_heads)
-    if cfg.family == "gemma3" and hf.endswith("norm.weight"):
-        w -= 1.0
+    module = hf.rsplit(".", 1)[0]
+    heads = next((h for m, h in g.permuted.items() if module.endswith("." + m)), None)
+    if heads is not None:
+        w = _unpermute(w, getattr(cfg, heads))
+    if g.norm_shift and hf.endswith("norm.weight"):
+        w -= g.norm_shift
     return w
+
+
+def _conv1d_weight(spec: FamilySpec, hf: str) -> bool:
+    """A Conv1D weight: stored (out, in) by llama.cpp, (in, out) by transformers."""
+    return hf.endswith(".weight") and spec.is_conv1d(hf[: -len(".weight")])
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -393,27 +376,36 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 # --- names -----------------------------------------------------------------------------------
-def _hf_name(arch: str, name: str) -> str | None:
+def _globals(spec: FamilySpec) -> dict[str, str]:
+    """GGUF global tensor stem -> HF module: llama.cpp's names for every architecture, mapped
+    onto the spec's embedding, positions, final norm and head."""
+    out = {"token_embd": spec.embed, "position_embd": spec.positions,
+           "output_norm": spec.final_norm[0], "output": spec.head}
+    return {g: h.rsplit(".", 1)[0] for g, h in out.items() if h is not None}
+
+
+def _hf_name(spec: FamilySpec, name: str) -> str | None:
+    """The HF name of the GGUF tensor ``name`` (``blk.N.<stem>.weight``, ``output.weight``)."""
     stem, dot, suffix = name.rpartition(".")
     if not dot or suffix not in ("weight", "bias"):
         return None
     parts = stem.split(".")
-    if len(parts) == 1 and parts[0] in _GLOBAL[arch]:
-        return f"{_GLOBAL[arch][parts[0]]}.{suffix}"
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK[arch]:
-        root = "transformer.h" if arch == "gpt2" else "model.layers"
-        return f"{root}.{int(parts[1])}.{_BLOCK[arch][parts[2]]}.{suffix}"
+    glob, blocks = _globals(spec), spec.gguf.blocks
+    if len(parts) == 1 and parts[0] in glob:
+        return f"{glob[parts[0]]}.{suffix}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in blocks:
+        return f"{spec.prefix(int(parts[1]))}{blocks[parts[2]]}.{suffix}"
     return None
 
 
-def _gguf_name(arch: str, hf: str) -> str:
+def _gguf_name(spec: FamilySpec, hf: str) -> str:
     """The inverse of ``_hf_name`` (for error messages)."""
     stem, suffix = hf.rsplit(".", 1)
-    for g, h in _GLOBAL[arch].items():
+    for g, h in _globals(spec).items():
         if h == stem:
             return f"{g}.{suffix}"
-    _, _, i, rest = stem.split(".", 3)
-    return next(f"blk.{i}.{g}.{suffix}" for g, h in _BLOCK[arch].items() if h == rest)
+    i, rest = stem[len(spec.layer_prefix.split("{i}")[0]):].split(".", 1)
+    return next(f"blk.{i}.{g}.{suffix}" for g, h in spec.gguf.blocks.items() if h == rest)
 
 
 # --- config ----------------------------------------------------------------------------------
@@ -422,113 +414,66 @@ def _f32(x) -> float:
     return float(str(np.float32(x)))
 
 
-def _config(path: Path, arch: str, md: dict, tensors: dict[str, tuple[int, ...]]) -> ModelConfig:
-    """The config the metadata describes; ``tensors`` maps names to ggml shapes (``ne``)."""
-    from mobiletune.models.config import ConfigError, ModelConfig
+class _Metadata:
+    """A GGUF's metadata as a family's ``GGUFSpec.config`` reads it: keys after ``<arch>.``,
+    and the tensors' ggml shapes."""
 
-    def get(key, default: Any = KeyError):
-        v = md.get(f"{arch}.{key}", default)
+    def __init__(self, path: Path, arch: str, md: dict, tensors: dict[str, tuple[int, ...]]):
+        self.path, self.arch, self.md, self.tensors = path, arch, md, tensors
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        """The value as stored (a per-layer list stays a list)."""
+        return self.md.get(f"{self.arch}.{key}", default)
+
+    def get(self, key: str, default: Any = KeyError) -> Any:
+        """The value, a per-layer list collapsed to its one value; no default: required."""
+        v = self.md.get(f"{self.arch}.{key}", default)
         if v is KeyError:
-            raise CheckpointError(f"{path}: missing metadata key {arch}.{key}")
+            raise CheckpointError(f"{self.path}: missing metadata key {self.arch}.{key}")
         if isinstance(v, list):  # per-layer values (e.g. head_count); we need them uniform
             if len(set(v)) != 1:
-                raise CheckpointError(f"{path}: metadata {arch}.{key} varies per layer: {v}")
+                raise CheckpointError(f"{self.path}: metadata {self.arch}.{key} varies per "
+                                      f"layer: {v}")
             v = v[0]
         return v
 
+    def f32(self, key: str, default: Any = KeyError) -> float:
+        """A float the file stored as float32, as the decimal it was written from."""
+        return _f32(self.get(key, default))
+
+
+def _config(path: Path, spec: FamilySpec, md: dict, tensors: dict[str, tuple[int, ...]]
+            ) -> ModelConfig:
+    """The config the metadata describes; ``tensors`` maps names to ggml shapes (``ne``)."""
+    g = spec.gguf
+    meta = _Metadata(path, g.arch, md, tensors)
+    get = meta.get
     if "token_embd.weight" not in tensors:
         raise CheckpointError(f"{path}: missing tensor 'token_embd.weight'")
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
-    head_dim = get("attention.key_length", None)
-    if head_dim is None and arch == "llama":
-        head_dim = get("rope.dimension_count", None)
+    head_dim = next((v for v in (get(k, None) for k in g.head_dim_keys) if v is not None), None)
     head_dim = int(head_dim or hidden // heads)
     n_layers = int(get("block_count"))
-    eps = get("attention.layer_norm_epsilon" if arch == "gpt2"
-              else "attention.layer_norm_rms_epsilon")
+    eps = meta.f32(g.eps_key)
     kw: dict[str, Any] = dict(
-        family=arch, vocab_size=tensors["token_embd.weight"][-1],
+        family=spec.name, vocab_size=tensors["token_embd.weight"][-1],
         hidden_size=hidden, num_layers=n_layers, num_heads=heads,
         num_kv_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
         intermediate_size=int(get("feed_forward_length", 4 * hidden)),
-        max_position=int(get("context_length")), norm_eps=_f32(eps),
-        tie_embeddings="output.weight" not in tensors, hidden_act=_HIDDEN_ACT[arch],
-        rope_theta=_f32(get("rope.freq_base", 1e6 if arch == "gemma3" else 10000.0)),
+        max_position=int(get("context_length")), norm_eps=eps,
+        tie_embeddings="output.weight" not in tensors, hidden_act=spec.hidden_act,
+        rope_theta=meta.f32("rope.freq_base", g.rope_base),
         bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=md.get("tokenizer.ggml.padding_token_id"))
-    if arch == "gpt2":
-        kw.update(attention_bias=True, mlp_bias=True)
-    elif arch == "qwen2":
-        kw.update(attention_bias=True)
-    else:
-        kw.update(attention_bias="blk.0.attn_q.bias" in tensors,
-                  mlp_bias=arch == "llama" and "blk.0.ffn_up.bias" in tensors)
     scaling = get("rope.scaling.type", "none")
     factor = float(get("rope.scaling.factor", 1.0)) if scaling != "none" else 1.0
-    if scaling not in ("none", "linear") or (factor != 1.0 and arch != "gemma3"):
-        raise CheckpointError(f"{path}: metadata {arch}.rope.scaling.type={scaling!r} "
-                              f"(factor {factor}) is not supported for {arch}")
-    if arch == "gemma3":
-        # llama.cpp hard-codes what the file does not say: every 6th layer global, local
-        # RoPE base 10000, and queries scaled by head_dim ** -0.5 (hidden/heads for 27B).
-        pattern = md.get(f"{arch}.attention.sliding_window_pattern", 6)
-        if isinstance(pattern, list):
-            types = ["sliding_attention" if s else "full_attention" for s in pattern]
-        else:
-            types = ["full_attention" if pattern and (i + 1) % pattern == 0
-                     else "sliding_attention" for i in range(n_layers)]
-        kw.update(rope_scaling_factor=factor, layer_types=tuple(types),
-                  rope_local_theta=_f32(get("rope.freq_base_swa", 10000.0)),
-                  sliding_window=int(get("attention.sliding_window", 512)),
-                  query_pre_attn_scalar=hidden // heads if n_layers == 62 else head_dim,
-                  attn_logit_softcapping=get("attn_logit_softcapping", None),
-                  final_logit_softcapping=get("final_logit_softcapping", None))
+    if scaling not in ("none", "linear") or (factor != 1.0 and not spec.linear_rope_scaling):
+        raise CheckpointError(f"{path}: metadata {g.arch}.rope.scaling.type={scaling!r} "
+                              f"(factor {factor}) is not supported for {g.arch}")
+    kw["rope_scaling_factor"] = factor
+    kw.update(g.config(meta, kw))
     try:
         return ModelConfig(**kw)
     except ConfigError as e:
         raise CheckpointError(f"{path}: metadata describes no valid model: {e}") from None
-
-
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF parameter names and shapes implied by ``cfg`` (private; see models.param_shapes)."""
-    d, v, f, hd = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.head_dim
-    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    out: dict[str, tuple[int, ...]] = {}
-    if cfg.family == "gpt2":
-        out.update({"transformer.wte.weight": (v, d), "transformer.wpe.weight":
-                    (cfg.max_position, d), "transformer.ln_f.weight": (d,),
-                    "transformer.ln_f.bias": (d,)})
-        for i in range(cfg.num_layers):
-            p = f"transformer.h.{i}."
-            out.update({p + "ln_1.weight": (d,), p + "ln_1.bias": (d,),
-                        p + "attn.c_attn.weight": (d, 3 * d), p + "attn.c_attn.bias": (3 * d,),
-                        p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
-                        p + "ln_2.weight": (d,), p + "ln_2.bias": (d,),
-                        p + "mlp.c_fc.weight": (d, f), p + "mlp.c_fc.bias": (f,),
-                        p + "mlp.c_proj.weight": (f, d), p + "mlp.c_proj.bias": (d,)})
-    else:
-        out.update({"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)})
-        for i in range(cfg.num_layers):
-            p = f"model.layers.{i}."
-            a, m = p + "self_attn.", p + "mlp."
-            out.update({p + "input_layernorm.weight": (d,), a + "q_proj.weight": (q, d),
-                        a + "k_proj.weight": (kv, d), a + "v_proj.weight": (kv, d),
-                        a + "o_proj.weight": (d, q), p + "post_attention_layernorm.weight": (d,),
-                        m + "gate_proj.weight": (f, d), m + "up_proj.weight": (f, d),
-                        m + "down_proj.weight": (d, f)})
-            if cfg.attention_bias:
-                out.update({a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,),
-                            a + "v_proj.bias": (kv,)})
-                if cfg.family != "qwen2":
-                    out[a + "o_proj.bias"] = (d,)
-            if cfg.mlp_bias:
-                out.update({m + "gate_proj.bias": (f,), m + "up_proj.bias": (f,),
-                            m + "down_proj.bias": (d,)})
-            if cfg.family == "gemma3":
-                out.update({a + "q_norm.weight": (hd,), a + "k_norm.weight": (hd,),
-                            p + "pre_feedforward_layernorm.weight": (d,),
-                            p + "post_feedforward_layernorm.weight": (d,)})
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = (v, d)
-    return out

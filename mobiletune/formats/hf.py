@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mobiletune import families
 from mobiletune.errors import CheckpointError
+from mobiletune.families.config import ConfigError, ModelConfig
 from mobiletune.io import atomic
 from mobiletune.io import safetensors as st
-from mobiletune.models import param_shapes
-from mobiletune.models.config import ConfigError, ModelConfig
 
 # Keys transformers may write that are not parameters (buffers) — safe to ignore.
 _IGNORABLE_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
@@ -22,7 +22,7 @@ _IGNORABLE_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 def check_params(params: dict, cfg: ModelConfig, source: str) -> dict:
     """Keep exactly the parameters ``cfg`` implies, as float32; raise naming any key that is
     missing, unexpected or of the wrong shape. A tied ``lm_head.weight`` is dropped."""
-    expected = param_shapes(cfg)
+    expected = families.spec(cfg.family).param_shapes(cfg)
     params = dict(params)
     if cfg.tie_embeddings:
         params.pop("lm_head.weight", None)

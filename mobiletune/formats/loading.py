@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mobiletune import assets
+from mobiletune import assets, families
 from mobiletune.errors import DataError, MobiletuneError
 from mobiletune.models.config import ModelConfig
 
@@ -33,16 +33,12 @@ def resolve_model_path(spec: str) -> Path:
                           f"(assets: {', '.join(sorted(assets.MODEL_ASSETS))})")
 
 
-PRESET_TOKENIZERS = {"gpt2": "gpt2", "qwen2.5": "qwen2.5", "gemma3": "gemma3",
-                     "smollm2": "smollm2-135m"}
-
-
 def preset_tokenizer(name: str):
+    """The real tokenizer of the preset ``name`` (its spec's ``Preset.tokenizer`` asset)."""
     from mobiletune.runtime.tokenizer import Tokenizer
-    key = next((k for k in PRESET_TOKENIZERS if name.startswith(k)), None)
-    if key is None:
+    if name not in families.PRESETS:
         raise MobiletuneError(f"no tokenizer asset for preset {name!r}")
-    tok = PRESET_TOKENIZERS[key]
+    tok = families.PRESETS[name].tokenizer
     if tok in assets.MODEL_ASSETS:
         return gguf_tokenizer(Path(assets.model_path(tok)))
     files = assets.tokenizer_files(tok)

@@ -5,31 +5,33 @@ names and whose arrays have Hugging Face shapes and layouts, so checkpoints load
 without renaming, LoRA targets modules by their PEFT names, and the phone's state files
 use the same keys.
 
-Every family module provides ``param_shapes``, ``layer_shapes``, ``layer_prefix``,
-``embed``, ``block``, ``final_norm``, ``output_weight`` and ``init_layer``; this module
-composes them into ``forward`` (optionally with a KV cache) and ``init_params``.
+Names, shapes and layer prefixes come from the family's spec (``mobiletune.families``);
+its math module (the spec's ``math``: ``embed``, ``block``, ``final_norm``,
+``output_weight``, ``init_layer``) is composed here into ``forward`` (optionally with a KV
+cache) and ``init_params``.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobiletune.models import gemma3, gpt2, llama
+from mobiletune import families
 from mobiletune.models.config import ModelConfig, preset  # noqa: F401
 from mobiletune.models.layers import KVCache, LoraCtx, matmul_t
 
-_FAMILY = {"gpt2": gpt2, "llama": llama, "qwen2": llama, "gemma3": gemma3}
-
 
 def family(cfg: ModelConfig):
-    return _FAMILY[cfg.family]
+    """The math module of ``cfg``'s family (named by its spec)."""
+    return importlib.import_module(families.spec(cfg.family).math)
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     """HF name -> shape for every parameter of the model."""
-    return family(cfg).param_shapes(cfg)
+    return families.spec(cfg.family).param_shapes(cfg)
 
 
 def init_params(cfg: ModelConfig, key, as_numpy: bool = False) -> dict:
@@ -47,7 +49,7 @@ def init_params(cfg: ModelConfig, key, as_numpy: bool = False) -> dict:
 
 def layer_params(params: dict, cfg: ModelConfig, i: int) -> dict:
     """Layer i's params with names relative to the layer (e.g. ``self_attn.q_proj.weight``)."""
-    prefix = family(cfg).layer_prefix(i)
+    prefix = families.spec(cfg.family).prefix(i)
     return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
 
 

@@ -11,38 +11,14 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from mobiletune import families
 from mobiletune.models import layers as L
 from mobiletune.models.config import ModelConfig
 
 
-def layer_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    return {"ln_1.weight": (d,), "ln_1.bias": (d,),
-            "attn.c_attn.weight": (d, 3 * d), "attn.c_attn.bias": (3 * d,),
-            "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,),
-            "ln_2.weight": (d,), "ln_2.bias": (d,),
-            "mlp.c_fc.weight": (d, f), "mlp.c_fc.bias": (f,),
-            "mlp.c_proj.weight": (f, d), "mlp.c_proj.bias": (d,)}
-
-
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    d = cfg.hidden_size
-    s = {"transformer.wte.weight": (cfg.vocab_size, d),
-         "transformer.wpe.weight": (cfg.max_position, d),
-         "transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,)}
-    for i in range(cfg.num_layers):
-        s.update({f"transformer.h.{i}.{k}": v for k, v in layer_shapes(cfg).items()})
-    if not cfg.tie_embeddings:
-        s["lm_head.weight"] = (cfg.vocab_size, d)
-    return s
-
-
-def layer_prefix(i: int) -> str:
-    return f"transformer.h.{i}."
-
-
 def embed(params, cfg: ModelConfig, tokens, positions):
-    return params["transformer.wte.weight"][tokens] + params["transformer.wpe.weight"][positions]
+    spec = families.spec(cfg.family)
+    return params[spec.embed][tokens] + params[spec.positions][positions]   # (B, T, D)
 
 
 def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None, lora=None):
@@ -59,12 +35,12 @@ def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None, lora=Non
 
 
 def final_norm(params, cfg: ModelConfig, h):
-    return L.layer_norm(h, params["transformer.ln_f.weight"], params["transformer.ln_f.bias"],
-                        cfg.norm_eps)
+    weight, bias = families.spec(cfg.family).final_norm
+    return L.layer_norm(h, params[weight], params[bias], cfg.norm_eps)
 
 
 def output_weight(params, cfg: ModelConfig):
-    return params["transformer.wte.weight" if cfg.tie_embeddings else "lm_head.weight"]
+    return params[families.spec(cfg.family).output_name(cfg)]
 
 
 def init_layer(cfg: ModelConfig, name: str, shape, key, std: float = 0.02):

@@ -10,51 +10,13 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from mobiletune import families
 from mobiletune.models import layers as L
 from mobiletune.models.config import ModelConfig
 
 
-def layer_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    qd, kd = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    s = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
-         "self_attn.q_proj.weight": (qd, d), "self_attn.k_proj.weight": (kd, d),
-         "self_attn.v_proj.weight": (kd, d), "self_attn.o_proj.weight": (d, qd),
-         "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
-         "mlp.down_proj.weight": (d, f)}
-    if cfg.attention_bias:
-        s.update({"self_attn.q_proj.bias": (qd,), "self_attn.k_proj.bias": (kd,),
-                  "self_attn.v_proj.bias": (kd,)})
-        if cfg.family == "llama":  # llama's attention_bias also covers o_proj; qwen2's not
-            s["self_attn.o_proj.bias"] = (d,)
-    if cfg.mlp_bias:
-        s.update({"mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,),
-                  "mlp.down_proj.bias": (d,)})
-    return s
-
-
-def decoder_param_shapes(cfg: ModelConfig, layer: dict[str, tuple]) -> dict[str, tuple]:
-    """The ``model.embed_tokens / model.layers.N.* / model.norm / lm_head`` layout that
-    Llama, Qwen2 and Gemma 3 share, given one layer's shapes."""
-    s = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
-         "model.norm.weight": (cfg.hidden_size,)}
-    for i in range(cfg.num_layers):
-        s.update({f"{layer_prefix(i)}{k}": v for k, v in layer.items()})
-    if not cfg.tie_embeddings:
-        s["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
-    return s
-
-
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    return decoder_param_shapes(cfg, layer_shapes(cfg))
-
-
-def layer_prefix(i: int) -> str:
-    return f"model.layers.{i}."
-
-
 def embed(params, cfg: ModelConfig, tokens, positions):
-    return params["model.embed_tokens.weight"][tokens]                 # (B, T, D)
+    return params[families.spec(cfg.family).embed][tokens]            # (B, T, D)
 
 
 def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None, lora=None):
@@ -77,12 +39,13 @@ def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None, lora=Non
 
 
 def final_norm(params, cfg: ModelConfig, h):
-    return L.rms_norm(h, params["model.norm.weight"], cfg.norm_eps)
+    (weight,) = families.spec(cfg.family).final_norm
+    return L.rms_norm(h, params[weight], cfg.norm_eps)
 
 
 def output_weight(params, cfg: ModelConfig):
     """The (V, D) unembedding matrix."""
-    return params["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
+    return params[families.spec(cfg.family).output_name(cfg)]
 
 
 def init_layer(cfg: ModelConfig, name: str, shape, key, std: float = 0.02):

@@ -25,14 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobiletune import models
+from mobiletune import families, models
 from mobiletune.errors import MobiletuneError
 from mobiletune.models.config import ModelConfig
 from mobiletune.models.layers import LoraCtx
 
-# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for our families.
-DEFAULT_TARGETS = {"gpt2": ("c_attn",), "llama": ("q_proj", "v_proj"),
-                   "qwen2": ("q_proj", "v_proj"), "gemma3": ("q_proj", "v_proj")}
+# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for our families (from the specs).
+DEFAULT_TARGETS = {name: s.peft_default_targets for name, s in families.SPECS.items()}
 _LAYER_RE = re.compile(r".*?\.[^.]*\.(\d+)\.")  # PEFT's default layer-index pattern
 SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
@@ -71,7 +70,9 @@ class LoraConfig:
 
     def resolved(self, cfg: ModelConfig) -> "LoraConfig":
         """Defaults filled in for a model: target modules and the layer list."""
-        tm = self.target_modules if self.target_modules is not None else DEFAULT_TARGETS[cfg.family]
+        tm = self.target_modules
+        if tm is None:
+            tm = families.spec(cfg.family).peft_default_targets
         if isinstance(tm, str) and tm.lower() == "all-linear":
             # PEFT expands "all-linear" to full module names, which then ignore
             # layers_to_transform; we expand to the module suffixes so that both the
@@ -98,15 +99,16 @@ class LoraConfig:
 
 def linear_modules(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """Every linear module name (PEFT's naming) -> (in_features, out_features), excluding
-    the output head, as PEFT's "all-linear" does."""
+    the output head and the embeddings, as PEFT's "all-linear" does. A Linear weight is
+    (out, in); a Conv1D weight (GPT-2) is (in, out)."""
+    spec = families.spec(cfg.family)
+    skip = (spec.embed, spec.positions, spec.head)
     out = {}
     for name, shape in models.param_shapes(cfg).items():
-        if not name.endswith(".weight") or len(shape) != 2 or name == "lm_head.weight":
+        if not name.endswith(".weight") or len(shape) != 2 or name in skip:
             continue
         mod = name[: -len(".weight")]
-        if mod.endswith(("embed_tokens", "wte", "wpe")):
-            continue
-        out[mod] = (shape[0], shape[1]) if cfg.family == "gpt2" else (shape[1], shape[0])
+        out[mod] = (shape[0], shape[1]) if spec.is_conv1d(mod) else (shape[1], shape[0])
     return out
 
 
@@ -162,11 +164,12 @@ def combine(base: dict, adapter: dict) -> dict:
 
 def merge(base: dict, adapter: dict, cfg: ModelConfig, lcfg: LoraConfig) -> dict:
     """Base weights with every adapter folded in: W + scale * B @ A ((B @ A).T for Conv1D)."""
+    spec = families.spec(cfg.family)
     out = dict(base)
     xp = jnp if any(isinstance(v, jax.Array) for v in adapter.values()) else np
     for a_name in [k for k in adapter if k.endswith(".lora_A.weight")]:
         mod = a_name[: -len(".lora_A.weight")]
         delta = lcfg.scale * (xp.asarray(adapter[mod + ".lora_B.weight"]) @ xp.asarray(adapter[a_name]))
         w = out[mod + ".weight"]
-        out[mod + ".weight"] = w + (delta.T if cfg.family == "gpt2" else delta)
+        out[mod + ".weight"] = w + (delta.T if spec.is_conv1d(mod) else delta)
     return out

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mobiletune import models
+from mobiletune import families, models
 from mobiletune.errors import MobiletuneError
 from mobiletune.models import layers as L
 from mobiletune.models.layers import NEG_INF
@@ -56,15 +56,15 @@ class ShardedModel:
                                   "or sgd")
         self.cfg, self.lcfg, self.optim, self.seq_len = cfg, lcfg, optim, seq_len
         self.fam = models.family(cfg)
+        self.spec = families.spec(cfg.family)
         self.shapes = {**frozen_shapes, **trainable_shapes}
         self.trainable = sorted(trainable_shapes)
         self.vocab_chunk = min(vocab_chunk, cfg.vocab_size)
         self.opt_chunk = opt_chunk
         self.head = self.fam.output_weight({k: k for k in self.shapes}, cfg)  # its HF name
         self.head_trainable = self.head in trainable_shapes
-        self.embed_name = ("transformer.wte.weight" if cfg.family == "gpt2"
-                           else "model.embed_tokens.weight")
-        prefixes = [self.fam.layer_prefix(i) for i in range(cfg.num_layers)]
+        self.embed_name = self.spec.embed
+        prefixes = [self.spec.prefix(i) for i in range(cfg.num_layers)]
         self.layers = []
         kinds: dict[tuple, str] = {}
         for i, p in enumerate(prefixes):
@@ -77,8 +77,8 @@ class ShardedModel:
         self.kinds = {k: {"frozen": list(fr), "trainable": list(tr)}
                       for (fr, tr, _), k in kinds.items()}
         outer = [k for k in self.shapes if not k.startswith(tuple(prefixes))]
-        self.norm_names = sorted(k for k in outer if k not in (self.head, self.embed_name)
-                                 and "wpe" not in k)
+        self.norm_names = sorted(k for k in outer
+                                 if k not in (self.head, self.embed_name, self.spec.positions))
         self.opt = {"decay": make_optimizer(dataclasses.replace(
                         optim, clip_norm=None, decay_norms_biases_embeddings=True)),
                     "nodecay": make_optimizer(dataclasses.replace(
@@ -86,14 +86,14 @@ class ShardedModel:
         self.groups = self._groups()
 
     def _attn(self, i):
-        if self.cfg.family != "gemma3":
+        if self.spec.attention_kind is None:
             return None
-        theta, factor, window = self.fam.attention_kind(self.cfg, i)
+        theta, factor, window = self.spec.attention_kind(self.cfg, i)
         return [float(theta), float(factor), int(window or NO_WINDOW)]
 
     def _groups(self) -> list[dict]:
         """Optimizer groups: (shard, decay?) -> the trainable tensors flattened in order."""
-        mask = decay_mask({k: None for k in self.trainable}, self.optim)
+        mask = decay_mask({k: None for k in self.trainable}, self.optim, self.cfg.family)
         shard_of = {}
         for i, lay in enumerate(self.layers):
             for r in self.kinds[lay["kind"]]["trainable"]:
@@ -261,8 +261,7 @@ class ShardedModel:
             kinds={k: B.BlockKind(tuple(v["frozen"]), tuple(v["trainable"]))
                    for k, v in self.kinds.items()},
             embed=self.embed_name, head=self.head, norm=tuple(self.norm_names),
-            positions="transformer.wpe.weight" if self.cfg.family == "gpt2" else None,
-            embed_scale=(self.cfg.hidden_size ** 0.5 if self.cfg.family == "gemma3" else None),
+            positions=self.spec.positions, embed_scale=self.spec.embed_scale(self.cfg),
             clip_norm=self.optim.clip_norm, groups=tuple(self.groups),
             opt_leaves={w: self.opt_leaves(w) for w in self.opt_kinds()})
 

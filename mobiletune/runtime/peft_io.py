@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mobiletune import families
 from mobiletune.io import atomic
 from mobiletune.io import safetensors as st
 
@@ -17,12 +18,14 @@ WEIGHTS = "adapter_model.safetensors"
 
 
 def adapter_config(lora: dict, family: str, base_model: str | None) -> dict:
-    """PEFT's adapter_config.json for a *resolved* LoraConfig dict."""
+    """PEFT's adapter_config.json for a *resolved* LoraConfig dict. ``fan_in_fan_out``: the
+    family's linear layers are Conv1D, weights stored (in, out) (GPT-2)."""
     tm = lora["target_modules"]
+    conv1d = bool(families.spec(family).conv1d_modules)
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["r"],
             "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
             "target_modules": tm if isinstance(tm, str) else sorted(tm),
-            "use_rslora": lora["use_rslora"], "fan_in_fan_out": family == "gpt2",
+            "use_rslora": lora["use_rslora"], "fan_in_fan_out": conv1d,
             "bias": "none", "inference_mode": True, "init_lora_weights": True,
             "modules_to_save": None,
             "layers_to_transform": list(lora["layers_to_transform"])

@@ -2,7 +2,8 @@
 
 AdamW / SGD (momentum) / Adafactor, linear warmup then cosine, linear or constant decay,
 global-norm clipping, and a weight-decay mask that by default spares norms, biases and
-embeddings (the usual practice; PEFT/transformers' Trainer skip biases and LayerNorm).
+embeddings (the usual practice; PEFT/transformers' Trainer skip biases and LayerNorm), by
+the family spec's ``no_decay`` rule.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from dataclasses import dataclass
 
 import optax
 
+from mobiletune import families
 from mobiletune.errors import MobiletuneError
-
-NO_DECAY_MARKERS = ("norm", "ln_", "bias", "embed_tokens", "wte", "wpe")
 
 
 @dataclass(frozen=True)
@@ -59,26 +59,29 @@ def schedule(c: OptimConfig) -> optax.Schedule:
     return optax.join_schedules([warm, after], [c.warmup_steps])
 
 
-def decay_mask(params: dict, c: OptimConfig) -> dict:
-    """True where weight decay applies (by HF name)."""
+def decay_mask(params: dict, c: OptimConfig, family: str | None = None) -> dict:
+    """True where weight decay applies, by HF name: not where ``family``'s spec spares it
+    (``FamilySpec.no_decay``), or with no family given, where any family's spec does."""
     if c.decay_norms_biases_embeddings:
         return {k: True for k in params}
-    return {k: not any(m in k for m in NO_DECAY_MARKERS) for k in params}
+    specs = [families.spec(family)] if family is not None else list(families.SPECS.values())
+    return {k: not any(s.no_decay(k) for s in specs) for k in params}
 
 
-def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
+def make_optimizer(c: OptimConfig, family: str | None = None) -> optax.GradientTransformation:
+    """The optimizer ``c`` describes; ``family`` picks the weight-decay rule (``decay_mask``)."""
     sched = schedule(c)
+    mask = lambda p: decay_mask(p, c, family)  # noqa: E731
     if c.name == "adamw":
         opt = optax.adamw(sched, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
-                          mask=lambda p: decay_mask(p, c))
+                          mask=mask)
     elif c.name == "sgd":
         opt = optax.sgd(sched, momentum=c.momentum or None)
         if c.weight_decay:
-            opt = optax.chain(optax.add_decayed_weights(c.weight_decay,
-                                                        mask=lambda p: decay_mask(p, c)), opt)
+            opt = optax.chain(optax.add_decayed_weights(c.weight_decay, mask=mask), opt)
     else:
         opt = optax.adafactor(sched, weight_decay_rate=c.weight_decay or None,
-                              weight_decay_mask=lambda p: decay_mask(p, c))
+                              weight_decay_mask=mask)
     if c.clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(c.clip_norm), opt)
     return opt

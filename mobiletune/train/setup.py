@@ -26,7 +26,7 @@ def split_params(recipe: Recipe, cfg: ModelConfig, params: dict) -> tuple[dict, 
 
 def make_steps(recipe: Recipe, cfg: ModelConfig) -> Steps:
     return Steps(cfg, recipe.lora.resolved(cfg) if recipe.lora else None,
-                 make_optimizer(recipe.optim_config()), recipe.loss_chunk)
+                 make_optimizer(recipe.optim_config(), cfg.family), recipe.loss_chunk)
 
 
 def build_steps(recipe: Recipe, m) -> tuple[Steps, dict, dict]:

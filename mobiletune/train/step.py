@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mobiletune import families
 from mobiletune.models.config import ModelConfig
 from mobiletune.models.lora import LoraConfig
 from mobiletune.train.loss import batch_nll
@@ -61,8 +62,8 @@ class Steps:
         return nll, count, grads
 
     def _head_trainable(self, trainable) -> bool:
-        return any(k in trainable for k in ("lm_head.weight", "model.embed_tokens.weight",
-                                            "transformer.wte.weight"))
+        spec = families.spec(self.cfg.family)
+        return spec.head in trainable or spec.embed in trainable
 
     def init(self, trainable) -> TrainState:
         return TrainState(trainable, self.optimizer.init(trainable), jnp.zeros((), jnp.int32))
