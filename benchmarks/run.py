@@ -112,14 +112,14 @@ def matmul_peak_gflops(threads: int) -> float:
 def flops_per_token(model: str, is_lora: bool) -> float | None:
     """Model FLOPs per trained token (see the module docstring), or None if the config
     cannot be read without loading the model."""
+    from mobiletune import families
     from mobiletune.formats.loading import peek_config
-    from mobiletune.models import param_shapes
-    from mobiletune.models.config import PRESETS, preset
-    cfg = peek_config(model) or (preset(model) if model in PRESETS else None)
+    cfg = peek_config(model) or (families.preset(model) if model in families.PRESETS else None)
     if cfg is None:
         return None
-    embed = ("wte.weight", "wpe.weight", "embed_tokens.weight")
-    n = sum(_prod(s) for k, s in param_shapes(cfg).items() if not k.endswith(embed))
+    spec = families.spec(cfg.family)
+    lookups = {spec.embed, spec.positions}  # gathers, not matmuls
+    n = sum(_prod(s) for k, s in spec.param_shapes(cfg).items() if k not in lookups)
     if cfg.tie_embeddings:
         n += cfg.vocab_size * cfg.hidden_size  # the head's matmul reuses the embedding
     return (4 if is_lora else 6) * n

@@ -15,6 +15,10 @@ from mobiletune.io import atomic
 from mobiletune.runtime.bundle import REPORT, TOKENIZER_FILES, file_entry
 from mobiletune.train.recipe import Recipe
 
+# Exported programs write every product as a batched matmul (models.layers.MATMUL_FORMS:
+# LiteRT runs the FULLY_CONNECTED that einsum becomes on a slow path for weights that are
+# inputs or variables).
+EXPORT_MATMUL = "batch_matmul"
 TOOLS = ("jax", "optax", "tensorflow-cpu", "tensorflow", "ai-edge-litert", "numpy")
 
 

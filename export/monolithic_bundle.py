@@ -8,12 +8,14 @@ verifies it in a fresh process that imports no JAX or TensorFlow.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 
 from export.common import (
+    EXPORT_MATMUL,
     ExportError,
     check_variants,
     manifest_fields,
@@ -57,6 +59,7 @@ def export_bundle(recipe: Recipe, out, variants=(1, 2, 4), verify: bool = True) 
     m = load_model(recipe.model, seed=recipe.seed)
     tok = m.tokenizer
     steps, trainable, frozen = build_steps(recipe, m)
+    steps = dataclasses.replace(steps, cfg=steps.cfg.replace(matmul=EXPORT_MATMUL))
     n_tr = sum(int(np.prod(v.shape)) for v in trainable.values())
     n_all = n_tr + sum(int(np.prod(v.shape)) for v in frozen.values())
     _check_size(recipe, n_all, n_tr)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from export.common import (
+    EXPORT_MATMUL,
     ExportError,
     check_variants,
     manifest_fields,
@@ -47,7 +48,8 @@ def write_files(recipe: Recipe, tmp: Path, store_dtype: str,
     m.params = None
     trainable, frozen = split_params(recipe, cfg, params)
     del params
-    sm = ShardedModel(cfg, recipe.lora.resolved(cfg) if recipe.lora else None,
+    sm = ShardedModel(cfg.replace(matmul=EXPORT_MATMUL),
+                      recipe.lora.resolved(cfg) if recipe.lora else None,
                       recipe.optim_config(), {k: tuple(v.shape) for k, v in trainable.items()},
                       {k: tuple(v.shape) for k, v in frozen.items()}, recipe.seq_len,
                       vocab_chunk=vocab_chunk)

@@ -26,7 +26,6 @@ import tensorflow as tf  # noqa: E402
 from jax.experimental import jax2tf  # noqa: E402
 
 from export.common import ExportError  # noqa: E402
-from mobiletune.models.layers import litert_matmuls  # noqa: E402
 from mobiletune.runtime.bundle import (  # noqa: E402
     APPLY,
     GET_STATE,
@@ -62,11 +61,6 @@ def _inside(x, shape):
 
 def build_module(program, frozen_specs, variants):
     """(tf.Module, {signature name: concrete function}, [Signature])."""
-    with litert_matmuls():
-        return _build_module(program, frozen_specs, variants)
-
-
-def _build_module(program, frozen_specs, variants):
     m = tf.Module()
     state_specs = program.state_specs()
     m.state = {s.name: tf.Variable(tf.zeros(s.shape, _DT[s.dtype]), name=input_name(s.name))
@@ -129,10 +123,7 @@ def build_pure_module(table: dict):
     name to (fn(dict of inputs) -> dict of outputs, [TensorSpec inputs]) — the sharded
     program, where weights are inputs and the host keeps all state."""
     m = tf.Module()
-    sigs = {}
-    with litert_matmuls():
-        for name, (fn, specs) in table.items():
-            sigs[name] = _pure_signature(fn, specs)
+    sigs = {name: _pure_signature(fn, specs) for name, (fn, specs) in table.items()}
     return m, sigs
 
 

@@ -69,10 +69,10 @@ def test_zero_b_equals_base_and_merge_equals_adapter(name):
     toks = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
     base, _ = models.forward(params, cfg, toks)
     fresh = lora.init_lora(cfg, lcfg, jax.random.PRNGKey(0))
-    out, _ = models.forward(lora.combine(params, fresh), cfg, toks, lora=lcfg.ctx())
+    out, _ = models.forward({**params, **fresh}, cfg, toks, lora=lcfg.ctx())
     assert np.array_equal(np.asarray(out), np.asarray(base))
     ad = random_adapter(cfg, lcfg)
-    with_ad, _ = models.forward(lora.combine(params, ad), cfg, toks, lora=lcfg.ctx())
+    with_ad, _ = models.forward({**params, **ad}, cfg, toks, lora=lcfg.ctx())
     merged, _ = models.forward(lora.merge(params, ad, cfg, lcfg), cfg, toks)
     assert np.abs(np.asarray(with_ad) - np.asarray(base)).max() > 1e-2  # the adapter matters
     assert np.abs(np.asarray(with_ad) - np.asarray(merged)).max() <= 1e-4
@@ -98,7 +98,7 @@ def test_our_adapter_loads_in_peft(tmp_path, name, rslora):
     save_adapter(tmp_path, ad, cfg, lcfg)
     pm = PeftModel.from_pretrained(tm, tmp_path).eval()
     toks = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 11)).astype(np.int32)
-    ours, _ = models.forward(lora.combine(params, ad), cfg, jnp.asarray(toks), lora=lcfg.ctx())
+    ours, _ = models.forward({**params, **ad}, cfg, jnp.asarray(toks), lora=lcfg.ctx())
     assert np.abs(np.asarray(ours) - torch_logits(pm, toks)).max() <= 1e-4
 
 
@@ -116,7 +116,7 @@ def test_peft_made_adapter_loads_here(tmp_path, name):
     lcfg, ad = load_adapter(tmp_path, cfg)
     assert lcfg.r == 3 and lcfg.alpha == 7
     toks = np.random.default_rng(4).integers(0, cfg.vocab_size, (1, 12)).astype(np.int32)
-    ours, _ = models.forward(lora.combine(params, {k: jnp.asarray(v) for k, v in ad.items()}),
+    ours, _ = models.forward({**params, **{k: jnp.asarray(v) for k, v in ad.items()}},
                              cfg, jnp.asarray(toks), lora=lcfg.ctx())
     assert np.abs(np.asarray(ours) - torch_logits(pm, toks)).max() <= 1e-4
 

@@ -51,6 +51,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    matmul: str = "einsum"                # how products are written: "einsum" | "batch_matmul"
+    #                                       (for LiteRT export; models.layers.MATMUL_FORMS)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -59,6 +61,8 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads={self.num_heads} is not a multiple of "
                               f"num_kv_heads={self.num_kv_heads}")
+        if self.matmul not in ("einsum", "batch_matmul"):
+            raise ConfigError(f"matmul={self.matmul!r}: expected 'einsum' or 'batch_matmul'")
         if self.layer_types and len(self.layer_types) != self.num_layers:
             raise ConfigError(f"layer_types has {len(self.layer_types)} entries for "
                               f"{self.num_layers} layers")

@@ -19,7 +19,7 @@ a (out, in) torch Linear weight is stored with ``ne = (in, out)`` and comes back
 
 The file is parsed by ``parse_gguf`` below (also used by ``gguf_tokenizer``), not by
 ``gguf.GGUFReader``, which decodes every element of every metadata array into its own numpy
-view (11-15 s for Gemma 3's 262,144-piece vocabulary on the 2-core dev box). From the
+view (slow for Gemma 3's 262,144-piece vocabulary: benchmarks/README.md). From the
 ``gguf`` package we use only ``gguf.quants.dequantize`` and the type tables.
 
 Metadata: ``GGUFCheckpoint.metadata`` holds every key/value as plain Python values (plus

@@ -15,13 +15,13 @@ Supported ``tokenizer.ggml.model`` values:
            0 restored the merge list equals HF's Gemma 3 tokenizer.json exactly. Pieces made of
            spaces are stored with real spaces and are respelled with U+2581.
 
-Reading: ``gguf.GGUFReader`` parses every metadata array element by element (11-14 s for
-Gemma's 262,144 pieces on the 2-core dev box), so by default the key/value section is read
-with ``checkpoints.gguf.parse_gguf`` (0.12 s); an open ``GGUFReader`` is accepted too.
+Reading: the key/value section is read with ``formats.gguf.parse_gguf``, which decodes the
+vocabulary arrays in bulk (``gguf.GGUFReader`` makes a numpy view per element, which is
+slow for Gemma's 262,144 pieces; measured: benchmarks/README.md).
 
-Cost on the dev box: 0.2 s for SmolLM2, 2-3.7 s for Gemma 3 (mostly deriving its 514,906
-merges). Nothing is cached implicitly; to cache, call ``tok.save(dir)`` once and later
-``Tokenizer.from_dir(dir)`` (0.9 s for Gemma).
+Building Gemma's takes seconds (mostly deriving its 514,906 merges); nothing is cached here
+(``formats.loading.gguf_tokenizer`` saves it once and reads it back with
+``Tokenizer.from_dir``).
 """
 
 from __future__ import annotations
@@ -47,12 +47,6 @@ def read_gguf_metadata(path: str | os.PathLike, prefixes: tuple[str, ...] = ("to
     Python lists (strings decoded as UTF-8). Maps the file and touches only the header."""
     metadata = parse_gguf(path, lazy_above=None, tensors=False).metadata
     return {k: v for k, v in metadata.items() if k.startswith(prefixes)}
-
-
-def _metadata_from_reader(reader) -> dict[str, Any]:
-    """The same dict as ``read_gguf_metadata`` from an open ``gguf.GGUFReader``."""
-    return {key: field.contents() for key, field in reader.fields.items()
-            if key.startswith(("tokenizer.", "general."))}
 
 
 # ---- builders ---------------------------------------------------------------------------
@@ -150,16 +144,13 @@ def _build_sentencepiece(md: dict) -> tuple[tokenizers.Tokenizer, list[str], set
 _BUILDERS = {"gpt2": _build_gpt2, "llama": _build_sentencepiece}
 
 
-def tokenizer_from_gguf(path_or_reader) -> Tokenizer:
+def tokenizer_from_gguf(path) -> Tokenizer:
     """The tokenizer a GGUF file describes: vocabulary, merges, added/special tokens,
     bos/eos/pad/unk, ``add_bos_token`` (``tokenizer.ggml.add_bos_token``) and the chat template
-    (``tokenizer.chat_template``, absent in base models). Accepts a path or a ``GGUFReader``."""
-    if isinstance(path_or_reader, (str, os.PathLike)):
-        if not Path(path_or_reader).is_file():
-            raise CheckpointError(f"GGUF file not found: {path_or_reader}")
-        md = read_gguf_metadata(path_or_reader)
-    else:
-        md = _metadata_from_reader(path_or_reader)
+    (``tokenizer.chat_template``, absent in base models)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"GGUF file not found: {path}")
+    md = read_gguf_metadata(path)
     kind = md.get("tokenizer.ggml.model")
     if kind not in _BUILDERS or "tokenizer.ggml.tokens" not in md:
         raise CheckpointError(f"GGUF tokenizer model {kind!r} is not supported "

@@ -80,7 +80,7 @@ def hidden_states(params, cfg: ModelConfig, tokens, cache: KVCache | None = None
 
 def unembed(params, cfg: ModelConfig, h):
     """(B, T, D) final hidden -> (B, T, V) logits, soft-capped where the config says."""
-    logits = matmul_t(h, family(cfg).output_weight(params, cfg))          # (B, T, V)
+    logits = matmul_t(h, family(cfg).output_weight(params, cfg), cfg.matmul)          # (B, T, V)
     if cfg.final_logit_softcapping is not None:
         c = cfg.final_logit_softcapping
         logits = jnp.tanh(logits / c) * c

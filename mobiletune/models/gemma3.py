@@ -29,12 +29,13 @@ def embed(params, cfg: ModelConfig, tokens, positions):
 def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None, lora=None, attn=None):
     """One layer; ``attn`` overrides the spec's ``attention_kind(cfg, i)`` (the sharded
     export passes it as signature inputs so that local and global layers share one program)."""
+    dense = L.denses(lp, lora, cfg.matmul)
     nh, kh, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps
     norm = lambda x, name: L.rms_norm(x, lp[name], eps, plus_one=True)  # noqa: E731
     x = norm(h, "input_layernorm.weight")
-    q = L.split_heads(L.dense(lp, "self_attn.q_proj", x, lora), nh, hd)
-    k = L.split_heads(L.dense(lp, "self_attn.k_proj", x, lora), kh, hd)
-    v = L.split_heads(L.dense(lp, "self_attn.v_proj", x, lora), kh, hd)
+    q = L.split_heads(dense("self_attn.q_proj", x), nh, hd)
+    k = L.split_heads(dense("self_attn.k_proj", x), kh, hd)
+    v = L.split_heads(dense("self_attn.v_proj", x), kh, hd)
     q = norm(q, "self_attn.q_norm.weight")                                # (B, T, H, Dh)
     k = norm(k, "self_attn.k_norm.weight")                                # (B, T, K, Dh)
     if attn is None:
@@ -45,12 +46,12 @@ def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None, lora=Non
     a, new_kv = L.attend_with_cache(q, k, v, positions, layer_cache,
                                     scale=cfg.query_pre_attn_scalar ** -0.5, window=window,
                                     softcap=cfg.attn_logit_softcapping)
-    a = L.dense(lp, "self_attn.o_proj", L.merge_heads(a), lora)
+    a = dense("self_attn.o_proj", L.merge_heads(a))
     h = h + norm(a, "post_attention_layernorm.weight")
     x = norm(h, "pre_feedforward_layernorm.weight")
     act = L.activation(cfg.hidden_act)
-    m = act(L.dense(lp, "mlp.gate_proj", x, lora)) * L.dense(lp, "mlp.up_proj", x, lora)
-    h = h + norm(L.dense(lp, "mlp.down_proj", m, lora), "post_feedforward_layernorm.weight")
+    m = act(dense("mlp.gate_proj", x)) * dense("mlp.up_proj", x)
+    h = h + norm(dense("mlp.down_proj", m), "post_feedforward_layernorm.weight")
     return h, new_kv
 
 

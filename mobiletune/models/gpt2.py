@@ -22,15 +22,16 @@ def embed(params, cfg: ModelConfig, tokens, positions):
 
 
 def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None, lora=None):
+    dense = L.denses(lp, lora, cfg.matmul, conv1d_layout=True)
     nh, hd, d = cfg.num_heads, cfg.head_dim, cfg.hidden_size
     x = L.layer_norm(h, lp["ln_1.weight"], lp["ln_1.bias"], cfg.norm_eps)
-    qkv = L.dense(lp, "attn.c_attn", x, lora, conv1d_layout=True)    # (B, T, 3D)
+    qkv = dense("attn.c_attn", x)    # (B, T, 3D)
     q, k, v = (L.split_heads(qkv[..., j * d:(j + 1) * d], nh, hd) for j in range(3))
     a, new_kv = L.attend_with_cache(q, k, v, positions, layer_cache, scale=hd ** -0.5)
-    h = h + L.dense(lp, "attn.c_proj", L.merge_heads(a), lora, conv1d_layout=True)
+    h = h + dense("attn.c_proj", L.merge_heads(a))
     x = L.layer_norm(h, lp["ln_2.weight"], lp["ln_2.bias"], cfg.norm_eps)
-    x = L.activation(cfg.hidden_act)(L.dense(lp, "mlp.c_fc", x, lora, conv1d_layout=True))
-    h = h + L.dense(lp, "mlp.c_proj", x, lora, conv1d_layout=True)
+    x = L.activation(cfg.hidden_act)(dense("mlp.c_fc", x))
+    h = h + dense("mlp.c_proj", x)
     return h, new_kv
 
 

@@ -8,7 +8,6 @@ All math is float32 (the dtype of the params); softmax is computed in float32.
 
 from __future__ import annotations
 
-import contextlib
 import zlib
 from typing import NamedTuple
 
@@ -18,22 +17,14 @@ import jax.numpy as jnp
 NEG_INF = -1e30  # finite, so a fully-masked row gives a uniform softmax rather than NaN
 
 
-# LiteRT runs FULLY_CONNECTED with non-constant weights (our weights are variables or
-# signature inputs) on a slow path: 25 GFLOP/s here against 146 for BATCH_MATMUL on the
-# same product (benchmarks/README.md). The converter emits FULLY_CONNECTED for any
-# ``x @ w.T`` (even with an explicit transpose), so under ``litert_matmuls()`` — used while
-# tracing for export — products are written as a batched ``x @ transpose(w)``, which stays
-# a BATCH_MATMUL, with custom VJPs so that the backward pass has the same form.
-_LITERT = [False]
-
-
-@contextlib.contextmanager
-def litert_matmuls():
-    _LITERT[0] = True
-    try:
-        yield
-    finally:
-        _LITERT[0] = False
+# How products are written: "einsum" (XLA's choice of kernel; the desktop) or
+# "batch_matmul", for export: LiteRT runs FULLY_CONNECTED with non-constant weights (our
+# weights are variables or signature inputs) on a slow path, and its converter emits
+# FULLY_CONNECTED for any ``x @ w.T`` (even with an explicit transpose), so exported programs
+# write products as a batched ``x @ transpose(w)``, which stays a BATCH_MATMUL, with custom
+# VJPs so that the backward pass has the same form (measured: benchmarks/README.md). A
+# ``ModelConfig.matmul`` field carries the choice to every product.
+MATMUL_FORMS = ("einsum", "batch_matmul")
 
 
 @jax.custom_vjp
@@ -72,25 +63,25 @@ def _xw_bwd(res, g):
 _xw.defvjp(_xw_fwd, _xw_bwd)
 
 
-def matmul_t(x, w):
-    """x (..., q) @ w (p, q).T -> (..., p)."""
-    return _xwt(x, w) if _LITERT[0] else jnp.einsum("...q,pq->...p", x, w)
+def matmul_t(x, w, form: str = "einsum"):
+    """x (..., q) @ w (p, q).T -> (..., p), written as ``form`` (``MATMUL_FORMS``)."""
+    return _xwt(x, w) if form == "batch_matmul" else jnp.einsum("...q,pq->...p", x, w)
 
 
-def matmul(x, w):
-    """x (..., q) @ w (q, p) -> (..., p)."""
-    return _xw(x, w) if _LITERT[0] else jnp.einsum("...q,qp->...p", x, w)
+def matmul(x, w, form: str = "einsum"):
+    """x (..., q) @ w (q, p) -> (..., p), written as ``form``."""
+    return _xw(x, w) if form == "batch_matmul" else jnp.einsum("...q,qp->...p", x, w)
 
 
-def linear(x, w, b=None):
+def linear(x, w, b=None, form: str = "einsum"):
     """torch.nn.Linear layout: w is (out, in)."""
-    y = matmul_t(x, w)
+    y = matmul_t(x, w, form)
     return y if b is None else y + b
 
 
-def conv1d(x, w, b=None):
+def conv1d(x, w, b=None, form: str = "einsum"):
     """GPT-2's Conv1D layout: w is (in, out)."""
-    y = matmul(x, w)
+    y = matmul(x, w, form)
     return y if b is None else y + b
 
 
@@ -103,12 +94,13 @@ class LoraCtx(NamedTuple):
     key: jax.Array | None = None
 
 
-def dense(lp: dict, name: str, x, lora: LoraCtx | None = None, conv1d_layout: bool = False):
+def dense(lp: dict, name: str, x, lora: LoraCtx | None = None, form: str = "einsum",
+          conv1d_layout: bool = False):
     """A linear layer by module name: ``lp[name.weight]`` (+ ``.bias``), plus the LoRA path
     ``scale * B(A(dropout(x)))`` when ``lp`` holds ``name.lora_A.weight`` (r, in) and
     ``name.lora_B.weight`` (out, r) — PEFT's layout for both Linear and Conv1D bases."""
     w, b = lp[name + ".weight"], lp.get(name + ".bias")
-    y = conv1d(x, w, b) if conv1d_layout else linear(x, w, b)
+    y = conv1d(x, w, b, form) if conv1d_layout else linear(x, w, b, form)
     a_name = name + ".lora_A.weight"
     if lora is not None and a_name in lp:
         xa = x
@@ -116,8 +108,14 @@ def dense(lp: dict, name: str, x, lora: LoraCtx | None = None, conv1d_layout: bo
             key = jax.random.fold_in(lora.key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
             keep = jax.random.bernoulli(key, 1.0 - lora.dropout, x.shape)
             xa = jnp.where(keep, x / (1.0 - lora.dropout), 0.0)
-        y = y + lora.scale * linear(linear(xa, lp[a_name]), lp[name + ".lora_B.weight"])
+        y = y + lora.scale * linear(linear(xa, lp[a_name], form=form),
+                                    lp[name + ".lora_B.weight"], form=form)
     return y
+
+
+def denses(lp: dict, lora: LoraCtx | None, form: str, conv1d_layout: bool = False):
+    """``dense`` bound to one layer's params: ``(name, x) -> y``."""
+    return lambda name, x: dense(lp, name, x, lora, form, conv1d_layout)
 
 
 def layer_norm(x, w, b, eps):

@@ -21,20 +21,21 @@ def embed(params, cfg: ModelConfig, tokens, positions):
 
 def block(lp, cfg: ModelConfig, i: int, h, positions, layer_cache=None, lora=None):
     """One decoder layer. lp holds this layer's params with names relative to the layer."""
+    dense = L.denses(lp, lora, cfg.matmul)
     nh, kh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     x = L.rms_norm(h, lp["input_layernorm.weight"], cfg.norm_eps)
-    q = L.split_heads(L.dense(lp, "self_attn.q_proj", x, lora), nh, hd)
-    k = L.split_heads(L.dense(lp, "self_attn.k_proj", x, lora), kh, hd)
-    v = L.split_heads(L.dense(lp, "self_attn.v_proj", x, lora), kh, hd)
+    q = L.split_heads(dense("self_attn.q_proj", x), nh, hd)
+    k = L.split_heads(dense("self_attn.k_proj", x), kh, hd)
+    v = L.split_heads(dense("self_attn.v_proj", x), kh, hd)
     q = L.rope(q, positions, cfg.rope_theta)                           # (B, T, H, Dh)
     k = L.rope(k, positions, cfg.rope_theta)                           # (B, T, K, Dh)
     a, new_kv = L.attend_with_cache(q, k, v, positions, layer_cache, scale=hd ** -0.5)
-    h = h + L.dense(lp, "self_attn.o_proj", L.merge_heads(a), lora)
+    h = h + dense("self_attn.o_proj", L.merge_heads(a))
     x = L.rms_norm(h, lp["post_attention_layernorm.weight"], cfg.norm_eps)
     act = L.activation(cfg.hidden_act)
-    gate = L.dense(lp, "mlp.gate_proj", x, lora)
-    up = L.dense(lp, "mlp.up_proj", x, lora)
-    h = h + L.dense(lp, "mlp.down_proj", act(gate) * up, lora)
+    gate = dense("mlp.gate_proj", x)
+    up = dense("mlp.up_proj", x)
+    h = h + dense("mlp.down_proj", act(gate) * up)
     return h, new_kv
 
 

@@ -10,8 +10,9 @@ U(±1/sqrt(in))), B starts at zero, so a fresh adapter leaves the model unchange
 Targeting follows PEFT's ``check_target_module_exists``: a string is a ``re.fullmatch``
 regex over the module name; a list matches a name exactly or as a ``.suffix``;
 ``"all-linear"`` means every linear layer but the output head; ``layers_to_transform``
-restricts list targets to those layer indices. Training differentiates only the adapter subtree
-(``split`` / ``combine``); ``merge`` folds the adapter into the base weights.
+restricts list targets to those layer indices. Training differentiates only the adapter
+(the trainable/frozen partition: ``train.setup.split_params``); ``merge`` folds the adapter
+into the base weights.
 """
 
 from __future__ import annotations
@@ -150,16 +151,6 @@ def init_lora(cfg: ModelConfig, lcfg: LoraConfig, key) -> dict:
 
 def is_lora_key(name: str) -> bool:
     return name.endswith(SUFFIXES)
-
-
-def split(params: dict) -> tuple[dict, dict]:
-    """(base, adapter) halves of a combined param dict."""
-    base = {k: v for k, v in params.items() if not is_lora_key(k)}
-    return base, {k: v for k, v in params.items() if is_lora_key(k)}
-
-
-def combine(base: dict, adapter: dict) -> dict:
-    return {**base, **adapter}
 
 
 def merge(base: dict, adapter: dict, cfg: ModelConfig, lcfg: LoraConfig) -> dict:

@@ -139,7 +139,7 @@ class ShardedModel:
         return vjp(dhn)
 
     def _chunk_logits(self, hn, w, col_valid):
-        z = L.matmul_t(hn, w)                                       # (B, T, Vc)
+        z = L.matmul_t(hn, w, self.cfg.matmul)                                     # (B, T, Vc)
         g = None
         c = self.cfg.final_logit_softcapping
         if c is not None:

@@ -542,11 +542,21 @@ class Manifest:
         return sorted(set(out))
 
 
+_ANNOTATION_KINDS = {"str": STR, "int": POS, "float": NUM, "bool": BOOL, "dict": OBJ,
+                     "int | None": _opt(INT), "float | None": _opt(NUM),
+                     "tuple[str, ...]": _list_of(STR)}
+
+
 def _model(r: _Reader) -> dict:
-    r.get("family", STR)
-    for k in ("vocab_size", "hidden_size", "num_layers"):
-        r.get(k, POS)
-    r.get("final_logit_softcapping", _opt(NUM))
+    """A whole ``ModelConfig`` (standard library only, in ``mobiletune.families``): every
+    field present with its declared type, and a config the model code accepts."""
+    from mobiletune.families.config import ModelConfig
+    for f in fields(ModelConfig):
+        r.get(f.name, _ANNOTATION_KINDS[str(f.type)])
+    try:
+        ModelConfig.from_dict(r.d)
+    except MobiletuneError as e:
+        r.fail(f"is not a valid model config ({e})")
     return r.d
 
 

@@ -240,7 +240,7 @@ class DeviceTrainer:
                 row = self.optimizer_step(reading)
                 self.metrics.write(row)
                 bar.update(1, loss=f"{row['loss']:.3f}", k=row["variant"],
-                           tok_s=f"{row['tokens'] / row['seconds']:.0f}")
+                           tok_s=f"{row['tokens'] / row['seconds']:.3g}")
                 if self.step % self.checkpoint_every == 0:
                     self.checkpoint()
         self.checkpoint()

@@ -58,7 +58,8 @@ def open_bundle(bundle_dir, threads: int | None = None, state: dict | None = Non
     d = Path(bundle_dir)
     m = read_manifest(d)
     if "program" not in m.files:
-        raise BundleError(f"{d}: the manifest names no program file (exported without one)")
+        raise BundleError(f"{d / 'manifest.json'}: key 'files.program' is missing (a bundle "
+                          f"exported without its program cannot run)")
     if verify:
         verify_files(d, m)
     calls = LiteRTCalls.open(d / PROGRAM, m, threads)

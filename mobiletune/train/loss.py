@@ -20,18 +20,18 @@ from mobiletune import models
 from mobiletune.models.layers import matmul_t
 
 
-def _logits(h, w, softcap):
-    z = matmul_t(h, w)                                                # (B, C, V)
+def _logits(h, w, softcap, form):
+    z = matmul_t(h, w, form)                                              # (B, C, V)
     if softcap is None:
         return z, None
     t = jnp.tanh(z / softcap)
     return t * softcap, t
 
 
-def _chunk(h, w, tgt, mask, softcap, grads: bool, w_grad: bool):
+def _chunk(h, w, tgt, mask, softcap, grads: bool, w_grad: bool, form: str):
     """Summed NLL of one chunk and, when asked, d(NLL)/dh (B, C, D) and d(NLL)/dW (V, D),
     computed while the chunk's logits exist (no second pass, nothing B·T·V kept)."""
-    logits, t = _logits(h, w, softcap)
+    logits, t = _logits(h, w, softcap, form)
     lse = jax.nn.logsumexp(logits, axis=-1)                           # (B, C)
     # the target logit through a one-hot product, not a gather: its gradient is then
     # elementwise, where a gather's is a scatter-add (which LiteRT handles poorly)
@@ -61,13 +61,13 @@ def _split(h, targets, mask, chunk):
             mask.reshape(b, n, chunk).swapaxes(0, 1)), pad
 
 
-def _scan(h, w, targets, mask, softcap, chunk, grads, w_grad):
+def _scan(h, w, targets, mask, softcap, chunk, grads, w_grad, form):
     (hs, ts, ms), pad = _split(h, targets, mask, chunk)
     dw0 = jnp.zeros_like(w) if (grads and w_grad) else jnp.zeros((), w.dtype)
 
     def body(carry, xs):
         nll, dw = carry
-        c_nll, c_dh, c_dw = _chunk(*xs[:1], w, *xs[1:], softcap, grads, w_grad)
+        c_nll, c_dh, c_dw = _chunk(*xs[:1], w, *xs[1:], softcap, grads, w_grad, form)
         return (nll + c_nll, dw + c_dw if c_dw is not None else dw), c_dh
 
     (nll, dw), dhs = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0), (hs, ts, ms))
@@ -78,24 +78,26 @@ def _scan(h, w, targets, mask, softcap, chunk, grads, w_grad):
     return nll, dh, (dw if w_grad else None)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def nll_sum(h, w, targets, mask, softcap=None, chunk: int = 64, w_grad: bool = True):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def nll_sum(h, w, targets, mask, softcap=None, chunk: int = 64, w_grad: bool = True,
+            form: str = "einsum"):
     """Summed NLL over masked-in positions.
 
     h: (B, T, D) final hidden; w: (V, D) output weights; targets: (B, T) int32;
     mask: (B, T) float32 (1 = counted). Returns a float32 scalar. Under autodiff the
     gradients are formed chunk by chunk in the forward pass (``w_grad=False`` skips the
-    (V, D) weight gradient, e.g. for LoRA where the head is frozen).
+    (V, D) weight gradient, e.g. for LoRA where the head is frozen). ``form``: how the
+    logits' product is written (``models.layers.MATMUL_FORMS``).
     """
-    return _scan(h, w, targets, mask, softcap, chunk, False, False)[0]
+    return _scan(h, w, targets, mask, softcap, chunk, False, False, form)[0]
 
 
-def _nll_fwd(h, w, targets, mask, softcap, chunk, w_grad):
-    nll, dh, dw = _scan(h, w, targets, mask, softcap, chunk, True, w_grad)
+def _nll_fwd(h, w, targets, mask, softcap, chunk, w_grad, form):
+    nll, dh, dw = _scan(h, w, targets, mask, softcap, chunk, True, w_grad, form)
     return nll, (dh, dw, w)
 
 
-def _nll_bwd(softcap, chunk, w_grad, res, g):
+def _nll_bwd(softcap, chunk, w_grad, form, res, g):
     dh, dw, w = res
     return g * dh, (g * dw if w_grad else jnp.zeros_like(w)), None, None
 
@@ -109,5 +111,6 @@ def batch_nll(params, cfg, batch, lora=None, chunk: int = 64, head_trainable: bo
     h, _ = models.hidden_states(params, cfg, batch["inputs"], lora=lora)
     w = models.family(cfg).output_weight(params, cfg)
     mask = batch["loss_mask"].astype(jnp.float32)
-    nll = nll_sum(h, w, batch["targets"], mask, cfg.final_logit_softcapping, chunk, head_trainable)
+    nll = nll_sum(h, w, batch["targets"], mask, cfg.final_logit_softcapping, chunk, head_trainable,
+                  cfg.matmul)
     return nll, mask.sum()

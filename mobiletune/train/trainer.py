@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ def prepare_run(recipe: Recipe, out: Path) -> tuple[Run, dict]:
     prep = D.prepare(resolve_data(recipe.data), m.tokenizer, dcfg,
                      val_paths=resolve_data(recipe.val_data) if recipe.val_data else None)
     for w in prep.warnings[:20]:
-        print(f"data: {w}")
+        print(f"data: {w}", file=sys.stderr)
     if len(prep.train) < recipe.batch_size:
         raise MobiletuneError(f"data: {len(prep.train)} training examples of {recipe.seq_len + 1} "
                               f"tokens, fewer than one batch of {recipe.batch_size}")
@@ -118,7 +119,7 @@ def train(recipe: Recipe, out_dir, resume: bool = False) -> dict:
                                   f"(fingerprint {saved_fp} != {r.fingerprint()})")
         it = D.BatchIterator.from_state(run.train, r.micro_batch, r.seed, it_state,
                                         batch_size=r.batch_size)
-        print(f"resumed from step {int(state.step)}")
+        print(f"resumed from step {int(state.step)}", file=sys.stderr)
     write_text_atomic(out / "recipe.json", json.dumps(r.to_dict(), indent=2) + "\n")
     log = MetricsLog(out / "metrics.jsonl", upto=int(state.step))
     start = int(state.step)
@@ -126,7 +127,7 @@ def train(recipe: Recipe, out_dir, resume: bool = False) -> dict:
         v = evaluate(run, fns, state.trainable)
         if v is not None:
             log.write({"step": 0, "val_loss": v, "val_ppl": math.exp(v)})
-            print(f"step 0: val_loss={v:.4f} val_ppl={math.exp(v):.2f}")
+            print(f"step 0: val_loss={v:.4f} val_ppl={math.exp(v):.2f}", file=sys.stderr)
     tokens_per_step = r.batch_size * r.seq_len
     t_run = time.perf_counter()
     with Progress(total=r.steps - start, unit="step", desc="train") as bar:

@@ -80,7 +80,7 @@ class WeightStore:
     def gather_rows(self, name, ids) -> np.ndarray:
         """rows[ids] as float32 (an embedding lookup), read with ``pread``: touching rows
         through the mapping would map whole fault-around windows (64 KB per row here) into
-        this process — 512 scattered rows cost ~100 MB of RSS that way."""
+        this process, which for scattered rows costs far more RSS than the rows themselves."""
         dt, shape, off = self._entry(name)
         ids = np.asarray(ids)
         uniq, inv = np.unique(ids.reshape(-1), return_inverse=True)
