@@ -164,7 +164,7 @@ def build_kit(bundle, out, pythons=PYTHONS, wheel=None, tar: bool = True, log=pr
         info = {"format": KIT_FORMAT, "kit_version": KIT_VERSION, "mobiletune": version,
                 "pythons": list(pythons), "platforms": list(PLATFORMS), "min_glibc": MIN_GLIBC,
                 "requirements": reqs, "bundle": {"sharded": m.sharded is not None,
-                                                 "program_sha256": m.files["program"]["sha256"]},
+                                                 "program_sha256": m.files["program"].sha256},
                 "wheels": sorted(p.name for p in (tmp / "wheels").iterdir()),
                 "bytes": sum(p.stat().st_size for p in files)}
         atomic.write_text(tmp / "kit.json", json.dumps(info, indent=1) + "\n")
