@@ -28,6 +28,10 @@ def main(argv=None) -> int:
     ap.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
                     help="sharded only: dtype of the frozen weights in the store (float16 "
                          "halves the bundle; they are widened to float32 per layer)")
+    ap.add_argument("--side", action="store_true",
+                    help="a side-tuning bundle (the recipe's side= section): the backbone's "
+                         "per-block forward for `device side-train` plus the side network's "
+                         "program for generation; weights streamed as --sharded")
     ap.add_argument("--no-verify", action="store_true", help="skip the fresh-process check")
     args = ap.parse_args(argv)
     try:
@@ -42,12 +46,16 @@ def main(argv=None) -> int:
                 raise MobiletuneError(f"--variants {args.variants!r}: expected integers") from None
         else:
             variants = default_variants(recipe)
-        if args.sharded:
+        if args.side:
+            from export.side_bundle import export_side
+            rep = export_side(recipe, args.out, variants, args.store_dtype,
+                              verify=not args.no_verify)
+        elif args.sharded:
             from export.sharded_bundle import export_sharded
             rep = export_sharded(recipe, args.out, variants, args.store_dtype,
                                  verify=not args.no_verify)
         elif args.store_dtype != "float32":
-            raise MobiletuneError("--store-dtype applies to --sharded bundles only")
+            raise MobiletuneError("--store-dtype applies to --sharded and --side bundles only")
         else:
             rep = export_bundle(recipe, args.out, variants, verify=not args.no_verify)
     except MobiletuneError as e:

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a prompt")
     _add_model(p)
     add_generation_options(p)
+    p.add_argument("--side", metavar="DIR", help="a side network: a directory with "
+                                                 "side.safetensors and side_config.json (from "
+                                                 "`side serve` or `device side-train`)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="fine-tune with a recipe (LoRA or full)",
@@ -67,6 +70,30 @@ def build_parser() -> argparse.ArgumentParser:
                             "(`mobiletune device --help`; same as python -m mobiletune.runtime)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_device)
+
+    p = sub.add_parser("side", help="server-assisted side-tuning: `mobiletune side serve`")
+    side = p.add_subparsers(dest="side_command", required=True, metavar="COMMAND")
+    q = side.add_parser("serve", help="train a recipe's side network on a phone's activations",
+                        description="Listen for `mobiletune device side-train` (HTTP/1.1, TLS "
+                                    "with --tls-cert/--tls-key), train the recipe's side network "
+                                    "on the phone's activations in sequence order, checkpoint "
+                                    "into --out, and serve the side weights. Stops on SIGTERM / "
+                                    "Ctrl-C after training what it received.")
+    q.add_argument("recipe", help="the recipe the phone's bundle was exported from (side=...)")
+    q.add_argument("--out", required=True, help="directory for checkpoints, spool, weights")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field (as for train; must match the bundle's)")
+    q.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    q.add_argument("--port", type=int, default=8470, help="port (8470; 0: any free port, "
+                                                          "written to OUT/server.json)")
+    q.add_argument("--token-file", required=True,
+                   help="one line '<device> <token>': the device allowed to connect")
+    q.add_argument("--tls-cert", help="PEM certificate (with --tls-key: serve HTTPS)")
+    q.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    q.add_argument("--max-queue", type=int, default=8,
+                   help="micro-batches waiting untrained before the server answers 429 (8)")
+    q.add_argument("--checkpoint-every", type=int, default=10, help="optimizer steps (10)")
+    q.set_defaults(func=cmd_side_serve)
 
     p = sub.add_parser("convert", help="GGUF file -> Hugging Face directory (fp32 safetensors)")
     p.add_argument("--gguf", required=True, help="a .gguf file or an asset name")
@@ -124,12 +151,51 @@ def cmd_generate(args) -> int:
     tok = m.tokenizer
     ids, stops = prompt_ids(tok, args.prompt, args.chat)
     try:
-        out = generate(m.params, m.cfg, ids, args.max_new_tokens, args.temperature, args.seed,
-                       stop_ids=stops, lora=lctx)
+        if args.side:
+            from mobiletune.inference.generate import generate_side
+            side, scfg = load_side_dir(args.side, m.cfg)
+            out = generate_side(side, m.params, m.cfg, scfg, ids, args.max_new_tokens,
+                                args.temperature, args.seed, stop_ids=stops)
+        else:
+            out = generate(m.params, m.cfg, ids, args.max_new_tokens, args.temperature,
+                           args.seed, stop_ids=stops, lora=lctx)
     except ValueError as e:
         raise MobiletuneError(str(e)) from None
     print(tok.decode([t for t in out if t not in stops]))
     return 0
+
+
+def cmd_side_serve(args) -> int:
+    from mobiletune.side.server import serve
+    from mobiletune.train.recipe import apply_overrides, load_recipe
+    recipe = apply_overrides(load_recipe(args.recipe), args.set)
+    return serve(recipe, args.out, args.host, args.port, args.token_file, args.tls_cert,
+                 args.tls_key, args.max_queue, args.checkpoint_every)
+
+
+def load_side_dir(path, cfg):
+    """(side params as jax arrays, SideConfig) from a directory with side.safetensors and
+    side_config.json, checked against the model."""
+    import json
+    from pathlib import Path
+
+    import jax.numpy as jnp
+
+    from mobiletune.io import safetensors as st
+    from mobiletune.models.side import side_shapes
+    from mobiletune.runtime.side.config import SideConfig
+    d = Path(path)
+    try:
+        scfg = SideConfig.from_dict(json.loads((d / "side_config.json").read_text("utf-8")))
+        w = st.load(d / "side.safetensors", mmap=False)
+    except (OSError, ValueError) as e:
+        raise MobiletuneError(f"--side {d}: needs side.safetensors and side_config.json ({e})") from None
+    want = side_shapes(cfg, scfg)
+    for k in sorted(set(want) | set(w)):
+        if k not in w or k not in want or tuple(w[k].shape) != tuple(want[k]):
+            raise MobiletuneError(f"--side {d}: tensor {k!r} does not fit this model's side "
+                                  f"network ({'missing' if k not in w else tuple(w[k].shape)})")
+    return {k: jnp.asarray(v) for k, v in w.items()}, scfg
 
 
 def cmd_train(args) -> int:

@@ -27,6 +27,7 @@ DRAINING_TRACE = ("time,level,charging,temperature\n0,90,false,30\n120,60,false,
 def write_recipe(path: Path, recipe) -> Path:
     """A recipe file that builds ``recipe`` (a ``Recipe``; its repr is Python)."""
     path.write_text("from mobiletune.runtime.energy.scheduler import Thresholds\n"
+                    "from mobiletune.runtime.side.config import SideConfig\n"
                     "from mobiletune.train.recipe import LoraConfig, OptimConfig, Recipe\n"
                     f"recipe = {recipe!r}\n")
     return path

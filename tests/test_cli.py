@@ -11,8 +11,8 @@ import pytest
 from mobiletune.cli import build_parser, main
 from mobiletune.runtime.cli import build_parser as device_parser
 
-DESKTOP = {"ppl", "generate", "train", "export", "device", "convert", "assets"}
-DEVICE = {"train", "generate", "doctor", "kit"}
+DESKTOP = {"ppl", "generate", "train", "export", "device", "side", "convert", "assets"}
+DEVICE = {"train", "side-train", "generate", "doctor", "kit"}
 
 
 def choices(parser: argparse.ArgumentParser) -> dict:

@@ -41,3 +41,32 @@ def generate(params, cfg, prompt_ids, max_new_tokens: int = 32, temperature: flo
             break
         logits, cache = _step(params, cfg, jnp.asarray([[tok]], jnp.int32), cache, lora)
     return out
+
+
+@partial(jax.jit, static_argnums=(2, 3))
+def _side_step(side, params, cfg, scfg, tokens, last):
+    from mobiletune.models.side import side_logits
+    return side_logits(side, params, cfg, scfg, tokens)[0, last]                # (V,)
+
+
+def generate_side(side, params, cfg, scfg, prompt_ids, max_new_tokens: int = 32,
+                  temperature: float = 0.0, seed: int = 0, stop_ids=()) -> list[int]:
+    """As ``generate``, through backbone + side network (``models.side``); the side network
+    has its own attention and no cache here, so each token recomputes the padded window."""
+    if not prompt_ids:
+        raise ValueError("generation needs at least one prompt token")
+    n = len(prompt_ids) + max_new_tokens
+    if n > cfg.max_position:
+        raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds the model's {cfg.max_position} positions")
+    rng = np.random.default_rng(seed)
+    ids, out = list(prompt_ids), []
+    for _ in range(max_new_tokens):
+        window = jnp.asarray([ids + [0] * (n - len(ids))], jnp.int32)
+        tok = sample(np.asarray(_side_step(side, params, cfg, scfg, window, len(ids) - 1)),
+                     temperature, rng)
+        out.append(tok)
+        if tok in stop_ids:
+            break
+        ids.append(tok)
+    return out

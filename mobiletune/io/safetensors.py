@@ -9,6 +9,7 @@ then the raw little-endian tensor bytes. Reads are memory-mapped; writes are ato
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from pathlib import Path
@@ -86,11 +87,8 @@ def load(path: str | Path, names=None, mmap: bool = True) -> dict[str, np.ndarra
     return out
 
 
-def save(path: str | Path, tensors: dict[str, np.ndarray], meta: dict | None = None,
-         dtype=None) -> None:
-    """Write tensors atomically: a crash leaves either the old file or the new one.
-    ``dtype`` casts every tensor as it is written (one tensor's copy at a time)."""
-    path = Path(path)
+def _encode(tensors: dict, meta: dict | None, dtype, source) -> tuple[bytes, list]:
+    """(length-prefixed JSON header, the arrays in data order) of a safetensors file."""
     header, offset, arrays = {}, 0, []
     for name in sorted(tensors):
         a = np.asarray(tensors[name], order="C")  # (ascontiguousarray would make 0-d 1-d)
@@ -98,7 +96,7 @@ def save(path: str | Path, tensors: dict[str, np.ndarray], meta: dict | None = N
             a = _Cast(a, np.dtype(dtype))
         dt = "BF16" if a.dtype.name == "bfloat16" else _NAMES.get(a.dtype)
         if dt is None:
-            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {a.dtype}")
+            raise SafetensorsError(f"{source}: tensor {name!r} has unsupported dtype {a.dtype}")
         header[name] = {"dtype": dt, "shape": list(a.shape),
                         "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
@@ -107,13 +105,66 @@ def save(path: str | Path, tensors: dict[str, np.ndarray], meta: dict | None = N
         header["__metadata__"] = {str(k): str(v) for k, v in meta.items()}
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
+    return struct.pack("<Q", len(blob)) + blob, arrays
+
+
+def _write(f, head: bytes, arrays: list) -> None:
+    f.write(head)
+    for a in arrays:
+        if isinstance(a, _Cast):
+            a = a.src.astype(a.dtype)
+        f.write(a.tobytes(order="C") if a.ndim == 0 else memoryview(a.reshape(-1)).cast("B"))
+
+
+def save(path: str | Path, tensors: dict[str, np.ndarray], meta: dict | None = None,
+         dtype=None) -> None:
+    """Write tensors atomically: a crash leaves either the old file or the new one.
+    ``dtype`` casts every tensor as it is written (one tensor's copy at a time)."""
+    head, arrays = _encode(tensors, meta, dtype, Path(path))
     with atomic_writer(path) as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for a in arrays:
-            if isinstance(a, _Cast):
-                a = a.src.astype(a.dtype)
-            f.write(a.tobytes(order="C") if a.ndim == 0 else memoryview(a.reshape(-1)).cast("B"))
+        _write(f, head, arrays)
+
+
+def dumps(tensors: dict[str, np.ndarray], meta: dict | None = None) -> bytes:
+    """The bytes of a safetensors file holding ``tensors`` (a network payload)."""
+    buf = io.BytesIO()
+    _write(buf, *_encode(tensors, meta, None, "payload"))
+    return buf.getvalue()
+
+
+def loads(data: bytes, source: str = "payload") -> tuple[dict[str, np.ndarray], dict]:
+    """(tensors, __metadata__) of safetensors bytes from anyone: every entry is checked
+    (dtype, shape, offsets inside the data, sizes that match) and every error is a
+    ``SafetensorsError`` naming ``source`` and the key. The arrays are copies."""
+    if len(data) < 8:
+        raise SafetensorsError(f"{source}: {len(data)} bytes, not a safetensors payload")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise SafetensorsError(f"{source}: header of {n} bytes, payload has {len(data) - 8}")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise SafetensorsError(f"{source}: not a safetensors payload (bad header)") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{source}: the header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise SafetensorsError(f"{source}: __metadata__ must map strings to strings")
+    body = memoryview(data)[8 + n:]
+    out = {}
+    for name, e in header.items():
+        try:
+            dt = np.dtype(DTYPES[e["dtype"]])
+            shape = tuple(e["shape"])
+            b, en = e["data_offsets"]
+            ok = (all(type(x) is int and x >= 0 for x in (*shape, b, en)) and b <= en <= len(body)
+                  and en - b == int(np.prod(shape)) * dt.itemsize)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise SafetensorsError(f"{source}: tensor {name!r}: bad entry {str(e)[:120]}")
+        out[name] = np.frombuffer(body[b:en], dt).reshape(shape).copy()
+    return out, meta
 
 
 class _Cast:

@@ -156,6 +156,27 @@ def opt_sig(optimizer: str) -> str:
     return f"opt_{optimizer}"
 
 
+def side_in_sig(k: int) -> str:
+    return f"side_in_b{k}"
+
+
+def side_layer_sig(k: int) -> str:
+    return f"side_layer_b{k}"
+
+
+def side_out_sig(k: int) -> str:
+    return f"side_out_b{k}"
+
+
+# side-tuning: the names of the side network's weights (the file the server sends back)
+SIDE_EMBED_DOWN, SIDE_UP, SIDE_NORM = "side.embed_down.weight", "side.up.weight", "side.norm."
+
+
+def side_layer_prefix(j: int) -> str:
+    """``side.layers.{j}.``: the j-th side layer's gate, down-projection and block."""
+    return f"side.layers.{j}."
+
+
 def input_name(name: str) -> str:
     """The signature input name of a state tensor (TF input names cannot contain '/')."""
     return name.replace("/", "__")
@@ -407,6 +428,41 @@ class ShardedLayout:
         return lay
 
 
+@dataclass(frozen=True)
+class SideLayout:
+    """A side-tuning bundle (``Manifest.side``): the phone runs the backbone's block_fwd
+    chain and sends the output of the ``tapped`` layers (``tap_width`` channels) and of the
+    last layer; the server trains the side network. For generation the program also has
+    the side network's signatures (``side_in``, ``side_layer``, ``side_out``, micro-batch 1)
+    whose weights come from a side-weights file holding ``shapes``."""
+    config: dict                     # SideConfig.to_dict()
+    tapped: tuple[int, ...]
+    tap_width: int
+    model: dict                      # the side blocks' reduced ModelConfig
+    attn: tuple | None               # Gemma: (RoPE base, scaling, window) per side layer
+    shapes: dict                     # side weight name -> shape
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "tapped": list(self.tapped), "tap_width": self.tap_width,
+                "model": self.model,
+                "attn": None if self.attn is None else [list(a) for a in self.attn],
+                "shapes": {k: list(v) for k, v in self.shapes.items()}}
+
+    @classmethod
+    def read(cls, r: _Reader) -> "SideLayout":
+        from mobiletune.runtime.side.config import SideConfig
+        c = r.sub("config")
+        try:
+            SideConfig.from_dict(c.d)
+        except MobiletuneError as e:
+            c.fail(f"is not a valid side config ({e})")
+        attn = r.get("attn", _opt(_list_of(_list_of(NUM))))
+        shapes = r.sub("shapes")
+        return cls(c.d, tuple(r.get("tapped", _list_of(NAT))), r.get("tap_width", POS),
+                   _model(r.sub("model")), None if attn is None else tuple(tuple(a) for a in attn),
+                   {k: tuple(shapes.get(k, SHAPE)) for k in shapes.d})
+
+
 def _files(r: _Reader) -> dict:
     out = {}
     for role in r.d:
@@ -439,6 +495,7 @@ class Manifest:
     base_model: str | None           # what the recipe named as the model (PEFT's base)
     thresholds: dict                 # energy scheduler thresholds (Thresholds.to_dict())
     sharded: ShardedLayout | None = None   # None: a monolithic bundle
+    side: SideLayout | None = None   # a side-tuning bundle (sharded, forward only)
     schema_version: int = SCHEMA_VERSION
     format: str = FORMAT
 
@@ -455,7 +512,8 @@ class Manifest:
                  frozen=[s.to_dict() for s in self.frozen],
                  signatures=[s.to_dict() for s in self.signatures],
                  files={k: v.to_dict() for k, v in self.files.items()},
-                 sharded=None if self.sharded is None else self.sharded.to_dict())
+                 sharded=None if self.sharded is None else self.sharded.to_dict(),
+                 side=None if self.side is None else self.side.to_dict())
         return json.dumps(d, indent=1, sort_keys=True) + "\n"
 
     @classmethod
@@ -486,11 +544,15 @@ class Manifest:
                 thresholds=_thresholds(r.sub("thresholds")),
                 sharded=None if r.get("sharded", _opt(OBJ)) is None
                 else ShardedLayout.read(r.sub("sharded")),
+                side=None if r.get("side", _opt(OBJ)) is None else SideLayout.read(r.sub("side")),
                 schema_version=v, format=FORMAT)
         m._check(r)
         return m
 
     def _check(self, r: _Reader) -> None:
+        if self.side is not None and self.sharded is None:
+            r.fail("needs a sharded layout (side-tuning bundles run the backbone per block)",
+                   "side")
         if not self.variants or any(self.effective_batch % k for k in self.variants):
             r.fail(f"{list(self.variants)} must be non-empty and divide effective_batch "
                    f"{self.effective_batch}", "variants")
@@ -528,6 +590,10 @@ class Manifest:
     def required_signatures(self) -> list[str]:
         """Every signature the runtime calls for this bundle."""
         ks = self.variants
+        if self.side is not None:
+            kinds = {x.kind for x in self.sharded.layers}
+            return sorted({*(block_fwd_sig(kind, k) for kind in kinds for k in ks),
+                           norm_fwd_sig(1), side_in_sig(1), side_layer_sig(1), side_out_sig(1)})
         if self.sharded is None:
             out = [APPLY, INFER, GET_STATE, SET_STATE] + ([SET_FROZEN] if self.frozen else [])
             return out + [f(k) for k in ks for f in (train_step_sig, accumulate_sig, eval_sig)]

@@ -58,8 +58,33 @@ def build_parser(prog: str = "python -m mobiletune.runtime") -> argparse.Argumen
     p.add_argument("bundle")
     add_generation_options(p)
     p.add_argument("--state", help="a `device train` output directory (its state.safetensors)")
+    p.add_argument("--side-weights", metavar="FILE",
+                   help="side-tuning bundles: the trained side network (side.safetensors from "
+                        "`device side-train` or the server)")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("side-train", help="server-assisted side-tuning: run the frozen backbone "
+                                          "forward and stream its activations to a server",
+                       description="Send a side-tuning bundle's activations (quantized as its "
+                                   "recipe's side section says) to `mobiletune side serve`, "
+                                   "which trains the side network; then fetch the side weights "
+                                   "into OUT/side.safetensors. No backward pass on the phone.")
+    p.add_argument("bundle", help="a bundle exported with `mobiletune export --side`")
+    p.add_argument("--data", required=True, nargs="+", help="UTF-8 text or JSONL file(s)")
+    p.add_argument("--server", required=True, metavar="URL", help="http(s)://host:port")
+    p.add_argument("--token-file", required=True,
+                   help="one line '<device> <token>' (the server's token file; keep it 0600)")
+    p.add_argument("--cafile", help="the server's TLS certificate (or its CA) to trust")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
+    p.add_argument("--battery", default="auto", help=f"as for train: {providers_help()}")
+    p.add_argument("--thresholds", metavar="FILE", help="as for train")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--max-offline", type=float, default=600, metavar="SECONDS",
+                   help="stop (with the cursor saved) after the server is unreachable this "
+                        "long (600)")
+    p.add_argument("--resume", action="store_true", help="continue from where the server is")
+    p.set_defaults(func=cmd_side_train)
     p = sub.add_parser("doctor", help="check this device (and a bundle): architecture, memory, "
                                       "storage, battery, LiteRT, one timed micro-step",
                        description="Print what this device offers and, given a bundle, whether "
@@ -107,10 +132,25 @@ def cmd_generate(args) -> int:
     from mobiletune.runtime.device_trainer import device_generate
     text, tps = device_generate(args.bundle, args.prompt, args.state, args.max_new_tokens,
                                 args.threads, chat=args.chat, temperature=args.temperature,
-                                seed=args.seed)
+                                seed=args.seed, side_weights=args.side_weights)
     print(text)
     print(f"[{tps:.1f} tokens/s, prefix recomputed per token]", file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_side_train(args) -> int:
+    from mobiletune.runtime.device_trainer import load_thresholds
+    from mobiletune.runtime.side.trainer import device_side_train
+    th = load_thresholds(args.thresholds) if args.thresholds else None
+    r = device_side_train(args.bundle, args.data, args.out, args.server, args.token_file,
+                          args.cafile, steps=args.steps, battery=args.battery,
+                          threads=args.threads, resume=args.resume, thresholds=th,
+                          max_offline_s=args.max_offline)
+    if r.finished:
+        print(f"done: {r.step} steps sent and trained; side weights in {r.out}/side.safetensors")
+        return EXIT_OK
+    print(f"stopped at step {r.step} ({r.stopped_by}); continue with --resume")
+    return EXIT_STOPPED
 
 
 def cmd_doctor(args) -> int:

@@ -220,6 +220,11 @@ class DeviceTrainer:
                 "reason": decision.reason, "energy_j": self.meter.step(reading, after),
                 "time": self.clock.now(), **reading_fields(reading)}
 
+    def progress(self, row: dict) -> dict:
+        """What the progress bar shows after a step."""
+        return {"loss": f"{row['loss']:.3f}", "k": row["variant"],
+                "tok_s": f"{row['tokens'] / max(row['seconds'], 1e-9):.3g}"}
+
     # --- the loop -----------------------------------------------------------------------------
     def run(self, steps: int, stop_after: int | None = None) -> DeviceRun:
         """Train until ``steps`` optimizer steps are done (or a stop: battery, signal,
@@ -239,8 +244,7 @@ class DeviceTrainer:
                     continue
                 row = self.optimizer_step(reading)
                 self.metrics.write(row)
-                bar.update(1, loss=f"{row['loss']:.3f}", k=row["variant"],
-                           tok_s=f"{row['tokens'] / row['seconds']:.3g}")
+                bar.update(1, **self.progress(row))
                 if self.step % self.checkpoint_every == 0:
                     self.checkpoint()
         self.checkpoint()
@@ -291,14 +295,18 @@ def write_outputs(runner, out: Path) -> None:
 
 def device_generate(bundle, prompt: str, state_dir=None, max_new_tokens: int = 48,
                     threads: int | None = None, chat: bool = False, temperature: float = 0.0,
-                    seed: int = 0) -> tuple[str, float]:
+                    seed: int = 0, side_weights=None) -> tuple[str, float]:
     """Generation with ``infer`` (the prefix is recomputed for every token): greedy at
-    temperature 0, else sampled (as ``mobiletune generate``). Returns (text, tokens/s)."""
+    temperature 0, else sampled (as ``mobiletune generate``); ``side_weights``: a
+    side-tuning bundle's trained side network. Returns (text, tokens/s)."""
     from mobiletune.runtime.sampling import prompt_ids, sample
     state = None
     if state_dir is not None:
         state = st.load(Path(state_dir) / B.STATE, mmap=False)
     runner = open_bundle(bundle, threads=threads, state=state)
+    if side_weights is not None:
+        from mobiletune.runtime.side.infer import SideInfer, load_side_weights
+        runner = SideInfer(runner, load_side_weights(side_weights, runner.manifest))
     tok = Tokenizer.from_dir(bundle)
     ids, stops = prompt_ids(tok, prompt, chat)
     t_max = runner.manifest.seq_len

@@ -22,6 +22,7 @@ from pathlib import Path
 from mobiletune.errors import MobiletuneError
 from mobiletune.models.lora import LoraConfig
 from mobiletune.runtime.energy.scheduler import Thresholds
+from mobiletune.runtime.side.config import SideConfig
 from mobiletune.train.optim import OptimConfig
 
 
@@ -47,6 +48,7 @@ class Recipe:
     loss_chunk: int = 64                  # positions per chunk of the chunked cross-entropy
     save_merged: bool = True              # LoRA: also write the merged HF checkpoint
     thresholds: Thresholds = field(default_factory=Thresholds)  # the phone's energy scheduler
+    side: SideConfig | None = None        # server-assisted side-tuning (None: not used)
 
     def __post_init__(self):
         for k in ("seq_len", "micro_batch", "accumulation", "steps", "loss_chunk"):

@@ -51,7 +51,13 @@ class ShardedRunner:
         """The accumulated gradient of every trainable tensor (HF name -> array)."""
         return self.state.grad
 
+    def _trains(self) -> None:
+        if self.manifest.side is not None:
+            raise B.BundleError(f"{self.dir}: a side-tuning bundle trains on a server: use "
+                                f"`mobiletune device side-train`")
+
     def accumulate(self, batch: dict) -> tuple[float, float]:
+        self._trains()
         check_variant(self.manifest, batch)
         nll, count = self._loss_and_grads(batch, grads=True)
         self.state.acc_nll[...] += np.float32(nll)
@@ -60,6 +66,7 @@ class ShardedRunner:
         return nll, count
 
     def eval(self, batch: dict) -> tuple[float, float]:
+        self._trains()
         check_variant(self.manifest, batch)
         return self._loss_and_grads(batch, grads=False)
 
@@ -73,7 +80,28 @@ class ShardedRunner:
             raise B.BundleError(f"{self.dir}: inference needs the micro-batch-1 variant; "
                                 f"export with --variants including 1")
         _, hn, _ = self._forward({"inputs": padded_tokens(self.manifest, tokens)})
-        h = hn[0, last]
+        return self.logits_at(hn[0, last])
+
+    def hidden_states(self, ids) -> list[np.ndarray]:
+        """The backbone's hidden states h_0 (the embedding) ... h_L (after the last layer),
+        each (k, T, D), for int32 token ids (k, T) — what side-tuning sends."""
+        ids = np.asarray(ids, np.int32)
+        k = len(ids)
+        hs = [self._embed(ids)]
+        for i, ly in enumerate(self.lay.layers):
+            hs.append(self.call(B.block_fwd_sig(ly.kind, k), {"h": hs[-1], **self._layer_inputs(i)})["h"])
+        return hs
+
+    def embed(self, ids) -> np.ndarray:
+        return self._embed(np.asarray(ids, np.int32))
+
+    def final_norm(self, h) -> np.ndarray:
+        """norm_fwd of (k, T, D) hidden states."""
+        norm = {B.W + n: self.weight(n) for n in self.lay.norm}
+        return self.call(B.norm_fwd_sig(len(h)), {"h": h, **norm})["hn"]
+
+    def logits_at(self, h) -> np.ndarray:
+        """(V,) logits of one final-normed hidden state (D,): the head row by row."""
         logits = np.empty(self.vocab, np.float32)
         for c0, n, w, _ in self._head_chunks():
             logits[c0:c0 + n] = w[:n] @ h
@@ -129,10 +157,7 @@ class ShardedRunner:
     # --- the chain ------------------------------------------------------------------------
     def _forward(self, batch) -> tuple[list, np.ndarray, dict]:
         k = len(batch["inputs"])
-        hs = [self._embed(np.asarray(batch["inputs"], np.int32))]
-        for i, ly in enumerate(self.lay.layers):
-            out = self.call(B.block_fwd_sig(ly.kind, k), {"h": hs[-1], **self._layer_inputs(i)})
-            hs.append(out["h"])
+        hs = self.hidden_states(batch["inputs"])
         norm = {B.W + n: self.weight(n) for n in self.lay.norm}
         hn = self.call(B.norm_fwd_sig(k), {"h": hs[-1], **norm})["hn"]
         return hs, hn, norm
