@@ -28,7 +28,7 @@ from mobiletune.io import atomic
 from mobiletune.io import safetensors as st
 from mobiletune.runtime.side import protocol as P
 from mobiletune.runtime.side.quantize import LEVELS
-from mobiletune.side.trainer import SIDE_FILE, SideTrainer, info
+from mobiletune.side.trainer import SideTrainer, info
 
 MAX_BODY = 512 << 20
 BATCH_RE = re.compile(rf"^{P.SESSIONS}/([\w.-]+)/batches/(\d+)$")
@@ -78,12 +78,22 @@ class SideService:
         t = trainer
         self.expect = {"recipe": t.recipe.fingerprint(),
                        "side": P.side_config_hash(t.scfg.to_dict())}
+        self._snapshot()
         self.thread = threading.Thread(target=self._train_loop, name="side-trainer", daemon=True)
         self.thread.start()
 
     # --- the spool ------------------------------------------------------------------------------
     def _path(self, seq: int) -> Path:
         return self.spool / f"{seq:09d}.safetensors"
+
+    def _snapshot(self) -> None:
+        """The side weights after the last completed step, as served (the trainer's own
+        state moves on while requests read this)."""
+        t = self.trainer
+        data = st.dumps(t.side_tensors(), {"step": int(t.state.step),
+                                           "recipe": t.recipe.fingerprint()})
+        with self.cond:
+            self.side_bytes, self.trained, self.side_step = data, t.trained_through, int(t.state.step)
 
     def _train_loop(self) -> None:
         try:
@@ -93,10 +103,11 @@ class SideService:
                         self.cond.wait()
                     seq = self.trainer.consumed + 1
                 tensors, meta = st.loads(self._path(seq).read_bytes(), str(self._path(seq)))
-                if self.trainer.train(seq, tensors, meta) and \
-                        self.trainer.trained_through > self.checkpointed and \
-                        int(self.trainer.state.step) % self.trainer.checkpoint_every == 0:
-                    self._drop_below(self.trainer.trained_through)
+                if self.trainer.train(seq, tensors, meta):
+                    self._snapshot()
+                    if self.trainer.trained_through > self.checkpointed and \
+                            int(self.trainer.state.step) % self.trainer.checkpoint_every == 0:
+                        self._drop_below(self.trainer.trained_through)
                 with self.cond:
                     self.cond.notify_all()
         except Exception as e:  # a crash of the trainer thread is reported, not hidden
@@ -134,8 +145,8 @@ class SideService:
             if self.received > t.trained_through:
                 _, meta = st.loads(self._path(self.received).read_bytes(), "spool")
                 cursor, step, done = json.loads(meta["cursor"]), int(meta["step"]), int(meta["done"])
-            return {"received_through": self.received, "trained_through": t.trained_through,
-                    "side_step": int(t.state.step), "queue": self.received - t.consumed,
+            return {"received_through": self.received, "trained_through": self.trained,
+                    "side_step": self.side_step, "queue": self.received - t.consumed,
                     "cursor": cursor, "step": step, "done": done, "error": self.error,
                     "device": self.device}
 
@@ -221,7 +232,7 @@ class SideService:
 
     def side(self, etag: str | None) -> tuple[int, bytes, str]:
         with self.cond:
-            data = (self.trainer.out / SIDE_FILE).read_bytes()
+            data = self.side_bytes
         sha = P.sha256(data)
         return (304, b"", sha) if etag == f'"{sha}"' else (200, data, sha)
 

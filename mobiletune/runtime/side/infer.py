@@ -29,6 +29,7 @@ class SideInfer:
 
     def __init__(self, runner, weights: dict):
         self.runner, self.w, self.m = runner, weights, runner.manifest
+        self.manifest = self.m
         self.scfg = SideConfig.from_dict(self.m.side.config)
         self.norm = sorted(n for n in weights if n.startswith(B.SIDE_NORM))
 
