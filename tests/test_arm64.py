@@ -6,6 +6,8 @@ Select alone with ``pytest -m arm64``. Needs root (apt, binfmt_misc, chroot); el
 skips with the reason, and fails with it under CI=true.
 """
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +21,7 @@ pytest.importorskip("tensorflow")
 
 from mobiletune.io import safetensors as st  # noqa: E402
 from tests.arm64env import Arm64Env, Unavailable  # noqa: E402
-from tests.helpers import losses  # noqa: E402
+from tests.helpers import losses, write_recipe  # noqa: E402
 from tests.tiny import tiny_dir_with_gpt2_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.arm64
@@ -58,7 +60,12 @@ def bundles(arm):
                     optim=OptimConfig(lr=1e-3, warmup_steps=0, clip_norm=1.0))
     export_bundle(recipe, w / "mono", variants=(1, 2))
     export_sharded(recipe, w / "sharded", variants=(1, 2))
-    return {"mono": w / "mono", "sharded": w / "sharded", "model": model}
+    from export.side_bundle import export_side
+    from mobiletune.runtime.side.config import SideConfig
+    side = dataclasses.replace(recipe, lora=None, side=SideConfig(reduction=2, precision="int8"))
+    write_recipe(w / "side.py", side)
+    export_side(side, w / "side", variants=(1, 2))
+    return {"mono": w / "mono", "sharded": w / "sharded", "side": w / "side", "model": model}
 
 
 @pytest.fixture(scope="session")
@@ -231,6 +238,45 @@ def test_litert_230_scalar_input_crash_is_reproduced_and_refused(arm, kit):
     ours = arm.run([VENV, "-c", RUNNER_CALL.format(path=arm.inside(prog))])
     assert ours.returncode == 0, ours.stderr[-1000:]
     assert "refused:" in ours.stdout and "'x' is 0-d" in ours.stdout, ours.stdout
+
+
+def test_one_side_tuning_round_from_arm64(arm, bundles, kit):
+    """The arm64 phone (the kit's runtime, networking on for loopback) runs a side-tuning
+    bundle's forward for two optimizer steps against an x86 ``side serve``, and fetches
+    side weights that the same steps from an x86 phone reproduce (within 1e-5)."""
+    w = arm.work
+    (w / "token").write_text("phone 0123456789abcdef0123456789abcdef\n")
+    (w / "token").chmod(0o600)
+    weights = {}
+    for where in ("arm64", "x86"):
+        srv = w / f"side-server-{where}"
+        p = subprocess.Popen([sys.executable, "-m", "mobiletune", "side", "serve", str(w / "side.py"),
+                              "--out", str(srv), "--port", "0", "--token-file", str(w / "token")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while not (srv / "server.json").exists():
+                assert p.poll() is None and time.monotonic() < deadline, "no side server"
+                time.sleep(0.1)
+            url = json.loads((srv / "server.json").read_text())["url"]
+            if where == "arm64":
+                r = arm.run([VENV, "-m", "mobiletune.runtime", "side-train", "/work/side", "--data",
+                             "/work/data.txt", "--server", url, "--token-file", "/work/token",
+                             "--out", "/work/side-run-arm64", "--steps", "2", "--battery", "none"],
+                            network=True)
+                assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+            else:
+                x86_cmd(["side-train", str(w / "side"), "--data", str(w / "data.txt"), "--server", url,
+                         "--token-file", str(w / "token"), "--out", str(w / "side-run-x86"),
+                         "--steps", "2", "--battery", "none"])
+        finally:
+            os.kill(p.pid, signal.SIGTERM)
+            p.wait(timeout=120)
+        weights[where] = st.load(w / f"side-run-{where}" / "side.safetensors")
+    assert weights["arm64"].keys() == weights["x86"].keys()
+    assert np.abs(weights["arm64"]["side.up.weight"]).max() > 0
+    for k in weights["x86"]:
+        np.testing.assert_allclose(weights["arm64"][k], weights["x86"][k], rtol=0, atol=1e-5, err_msg=k)
 
 
 def test_doctor_on_arm64(arm, bundles, kit):

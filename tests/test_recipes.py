@@ -18,7 +18,8 @@ RECIPES = sorted(Path(__file__).parent.parent.glob("recipes/*.py"))
 
 def test_the_recipes_are_all_here():
     assert {p.stem for p in RECIPES} == {"smollm2_shakespeare_lora", "gemma3_wordnet_lora",
-                                         "gpt2_full", "gpt2_lora", "qwen25_lora"}
+                                         "gpt2_full", "gpt2_lora", "qwen25_lora",
+                                         "smollm2_shakespeare_side"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)

@@ -34,20 +34,33 @@ def ppl_windows(ids, seq_len: int, max_windows: int | None, bos_id: int | None) 
     return w
 
 
+def _nll(logits, tokens):
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).sum()
+
+
 @partial(jax.jit, static_argnums=(1, 3))
 def sequence_nll(params, cfg, tokens, lora=None):
     """Summed NLL of predicting tokens[:, 1:] from their prefixes. tokens: (B, T)."""
-    logits, _ = models.forward(params, cfg, tokens, lora=lora)        # (B, T, V)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    tgt = tokens[:, 1:]
-    return -jnp.take_along_axis(logp, tgt[..., None], axis=-1).sum()
+    return _nll(models.forward(params, cfg, tokens, lora=lora)[0], tokens)
 
 
-def perplexity(params, cfg, windows: np.ndarray, progress=None, lora=None) -> tuple[float, int]:
-    """(perplexity, number of predicted tokens) over model-input windows."""
+@partial(jax.jit, static_argnums=(2, 3))
+def side_sequence_nll(side, params, cfg, scfg, tokens):
+    """As ``sequence_nll`` through backbone + side network (``models.side``)."""
+    from mobiletune.models.side import side_logits
+    return _nll(side_logits(side, params, cfg, scfg, tokens), tokens)
+
+
+def perplexity(params, cfg, windows: np.ndarray, progress=None, lora=None,
+               side=None) -> tuple[float, int]:
+    """(perplexity, number of predicted tokens) over model-input windows; ``side``:
+    (side params, SideConfig) of a side network to add to the model."""
     total, count = 0.0, 0
     for w in windows:
-        total += float(sequence_nll(params, cfg, jnp.asarray(w[None]), lora))
+        x = jnp.asarray(w[None])
+        total += float(sequence_nll(params, cfg, x, lora) if side is None
+                       else side_sequence_nll(side[0], params, cfg, side[1], x))
         count += w.shape[0] - 1
         if progress is not None:
             progress(w.shape[0])

@@ -8,11 +8,13 @@ A ladder beside the frozen backbone (LST / QST style), built from the family's o
       g = sigmoid(side.layers.j.gate)                    (Ds,), starts at 0.5
       s = g * s + (1 - g) * side.layers.j.down(tap_j)    tap_j: h_{i+1}, or pooled
       s = block_j(s)                                     the family's block, reduced
-  h = h_L + side.up(side_norm(s))                        side.up starts at zero
-  logits = head(final_norm(h))                           the frozen backbone's norm and head
+  hn = final_norm(h_L) + side.up(side_norm(s))          side.up starts at zero
+  logits = head(hn)                                      the frozen backbone's norm and head
 
 Because ``side.up`` starts at zero the model with a fresh side network equals the backbone
-exactly (as LoRA's B = 0). Names: ``side.embed_down.weight``, ``side.layers.{j}.gate``,
+exactly (as LoRA's B = 0). The sum is taken after the backbone's final norm (as QST's
+output mix): before it, the side's small contribution would be divided by the last hidden
+state's large norm and learn far more slowly. Names: ``side.embed_down.weight``, ``side.layers.{j}.gate``,
 ``side.layers.{j}.down.weight``, ``side.layers.{j}.<the family's layer names>``,
 ``side.norm.<the family's final-norm names>``, ``side.up.weight``.
 """
@@ -104,22 +106,24 @@ def side_layer(lp: dict, sc: ModelConfig, j: int, s, tap, positions, attn=None):
     return models.family(sc).block(lp, sc, j, s, positions, **kw)[0]
 
 
-def side_out(norm: dict, w_up, sc: ModelConfig, h_last, s):
-    """The backbone's last hidden state plus the side network's contribution."""
-    return h_last + L.linear(models.family(sc).final_norm(norm, sc, s), w_up, form=sc.matmul)
+def side_out(norm: dict, w_up, sc: ModelConfig, hn, s):
+    """The backbone's final-normed hidden state plus the side network's contribution."""
+    return hn + L.linear(models.family(sc).final_norm(norm, sc, s), w_up, form=sc.matmul)
 
 
 def side_hidden(side: dict, base: dict, cfg: ModelConfig, scfg: SideConfig, tokens, taps,
                 h_last):
-    """The backbone's last hidden state with the side network's sum added (B, T, D).
-    ``taps``: a sequence of (B, T, tap width), one per tapped layer; ``h_last`` (B, T, D)."""
+    """What the head reads (B, T, D): the backbone's final-normed last hidden state with
+    the side network's sum added. ``taps``: a sequence of (B, T, tap width), one per tapped
+    layer; ``h_last`` (B, T, D): the backbone's output before its final norm."""
     sc = side_config(cfg, scfg)
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     emb = models.family(cfg).embed(base, cfg, tokens, positions)                # (B, T, D)
     s = side_in(side[B.SIDE_EMBED_DOWN], emb, cfg.matmul)                       # (B, T, Ds)
     for j, tap in enumerate(taps):
         s = side_layer(layer_params(side, j), sc, j, s, tap, positions)
-    return side_out(norm_params(side, cfg), side[B.SIDE_UP], sc, h_last, s)
+    hn = models.family(cfg).final_norm(base, cfg, h_last)
+    return side_out(norm_params(side, cfg), side[B.SIDE_UP], sc, hn, s)
 
 
 def backbone_taps(base: dict, cfg: ModelConfig, scfg: SideConfig, tokens, pooled: bool = True):
@@ -143,5 +147,4 @@ def side_logits(side: dict, base: dict, cfg: ModelConfig, scfg: SideConfig, toke
     """(B, T, V) logits of backbone + side network from tokens (desktop generation and the
     reference the phone's side-aware ``infer`` is checked against)."""
     taps, h_last = backbone_taps(base, cfg, scfg, tokens)
-    h = side_hidden(side, base, cfg, scfg, tokens, taps, h_last)
-    return models.unembed(base, cfg, models.family(cfg).final_norm(base, cfg, h))
+    return models.unembed(base, cfg, side_hidden(side, base, cfg, scfg, tokens, taps, h_last))

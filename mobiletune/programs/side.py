@@ -70,9 +70,9 @@ class SideProgram:
 
         def side_out(kw):
             nd = {n[len(B.SIDE_NORM):]: kw[W + n] for n in norm}
-            return {"h": SD.side_out(nd, kw[W + up], self.sc, kw["h"], kw["s"])}
+            return {"hn": SD.side_out(nd, kw[W + up], self.sc, kw["hn"], kw["s"])}
         out[B.side_out_sig(1)] = (side_out, [
-            TensorSpec("h", (1, t, d), f32), TensorSpec("s", (1, t, ds), f32),
+            TensorSpec("hn", (1, t, d), f32), TensorSpec("s", (1, t, ds), f32),
             *[TensorSpec(W + n, self.shapes[n], f32) for n in norm],
             TensorSpec(W + up, self.shapes[up], f32)])
         return out

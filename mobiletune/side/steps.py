@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mobiletune import families, models
+from mobiletune import families
 from mobiletune.families.config import ModelConfig
 from mobiletune.models import side as SD
 from mobiletune.runtime.side.config import SideConfig
@@ -29,8 +29,7 @@ class SideSteps:
 
     def nll(self, side, base, batch, taps, h_last):
         """(summed NLL, counted tokens) of a micro-batch given the phone's activations."""
-        h = SD.side_hidden(side, base, self.cfg, self.scfg, batch["inputs"], taps, h_last)
-        hn = models.family(self.cfg).final_norm(base, self.cfg, h)
+        hn = SD.side_hidden(side, base, self.cfg, self.scfg, batch["inputs"], taps, h_last)
         w = base[families.spec(self.cfg.family).output_name(self.cfg)]
         mask = batch["loss_mask"].astype(jnp.float32)
         nll = nll_sum(hn, w, batch["targets"], mask, self.cfg.final_logit_softcapping,

@@ -155,6 +155,7 @@ class SideTrainer:
             raise MobiletuneError(f"side trainer: step {step}: loss is {loss}; lower optim.lr?")
         self.metrics.write({"step": step, "loss": loss, "tokens": self.tokens,
                             "seconds": time.perf_counter() - self.t0, "trained_through": seq,
+                            "unix_time": time.time(),
                             "peak_rss_mb": round(peak_rss_mb(), 1)})
         self.tokens, self.t0 = 0.0, time.perf_counter()
         if step % self.checkpoint_every == 0:

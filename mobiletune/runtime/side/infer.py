@@ -48,6 +48,7 @@ class SideInfer:
                 ins.update(rope_theta=np.float32(theta), rope_factor=np.float32(factor),
                            window=np.int32(window))
             s = call(B.side_layer_sig(1), ins)["s"]
-        h = call(B.side_out_sig(1), {"h": hs[-1], "s": s, B.W + B.SIDE_UP: self.w[B.SIDE_UP],
-                                     **{B.W + n: self.w[n] for n in self.norm}})["h"]
-        return r.logits_at(r.final_norm(h)[0, last])
+        hn = call(B.side_out_sig(1), {"hn": r.final_norm(hs[-1]), "s": s,
+                                      B.W + B.SIDE_UP: self.w[B.SIDE_UP],
+                                      **{B.W + n: self.w[n] for n in self.norm}})["hn"]
+        return r.logits_at(hn[0, last])
