@@ -4,8 +4,8 @@ the phone sends. Standard library only (the phone reads it from the bundle's man
 The side network (``mobiletune.models.side``) is a ladder beside the frozen backbone, built
 from the family's own block on a reduced config: ``reduction`` r divides the head width
 (side width = heads × head_dim // r) and the FFN width. It reads the backbone's hidden state
-after each tapped layer, and its output is added to the backbone's last hidden state
-before the final norm and the head, through a zero-initialised projection — so at
+after each tapped layer, and its output is added to the backbone's final-normed last hidden
+state, just before the head, through a zero-initialised projection — so at
 initialisation the model is exactly the backbone (as LoRA's B = 0).
 """
 
