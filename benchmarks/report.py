@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import peak as peak_probe
+
 # The issue's goals for the device trainer, and the scale figures it quotes for this machine.
 SPEED_VS_TORCH, RSS_VS_TORCH, SPEED_VS_JAX, MFU = 1.2, 0.25, 1.0, 0.60
 REFERENCE = (  # (system, workload, tokens/s, peak RSS GB)
@@ -28,20 +30,24 @@ def markdown(res: dict) -> str:
     m = res["machine"]
     out = [f"# Fine-tuning benchmark, {res['date']}" + (" (--quick)" if res["quick"] else ""), "",
            f"`{res['command']}`: median of {res['steps']} steps after one warm-up step; torch "
-           f"and numpy on {res['threads']} threads ({m['cpus']} CPUs); fp32 matmul peak "
-           f"{m['matmul_peak_gflops']:.1f} GFLOP/s (numpy 2048², best of 5). Each system ran "
+           f"and numpy on {res['threads']} threads ({m['cpus']} CPUs); fp32 GEMM peak "
+           f"{m['matmul_peak_gflops']:.1f} GFLOP/s (the best probe below). Each system ran "
            f"in its own process; compare ratios within this run, not absolute numbers across "
            f"runs.", ""]
+    if "peak" in m:
+        out += peak_probe.table(m["peak"]) + [""]
     out += ["| workload | system | s/step | tokens/s | peak RSS MB | MFU | speed vs torch | "
-            "RSS vs torch | speed vs JAX |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "RSS vs torch | speed vs JAX | speed vs best peer |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, w, s, r in _rows(res):
         if r["status"] != "ok":
-            out.append(f"| {name} | {s} | {r['status']} | | | | | | |")
+            out.append(f"| {name} | {s} | {r['status']} | | | | | | | |")
             continue
         mfu = "" if r.get("mfu") is None else f"{100 * r['mfu']:.1f} %"
         out.append(f"| {name} | {s} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
                    f"{r['peak_rss_mb']:.0f} | {mfu} | {_x(r.get('vs_torch_speed'))} | "
-                   f"{_x(r.get('vs_torch_rss'))} | {_x(r.get('vs_jax_speed'))} |")
+                   f"{_x(r.get('vs_torch_rss'))} | {_x(r.get('vs_jax_speed'))} | "
+                   f"{_x(r.get('vs_best_peer_speed'))} |")
     out += ["", "Workloads: " + "; ".join(f"**{n}** {w['label']}"
                                          for n, w in res["workloads"].items()) + "."]
     exports = [(n, s, r) for n, _, s, r in _rows(res) if r.get("export")]
@@ -60,7 +66,7 @@ def markdown(res: dict) -> str:
     out += ["", "## Reference figures quoted in the issue (this machine; not measured by this "
                 "script)", "", "| system | workload | tokens/s | peak RSS GB |", "|---|---|---:|---:|"]
     out += [f"| {a} | {b} | ≈{c} | {d} |" for a, b, c, d in REFERENCE]
-    out += ["", "MFU = model FLOPs/s ÷ the fp32 matmul peak above; model FLOPs per token: full "
+    out += ["", "MFU = model FLOPs/s ÷ the best fp32 GEMM probe above; model FLOPs per token: full "
                 "fine-tuning 6·N, LoRA 4·N, N = non-embedding parameters + the head's matmul "
                 "(V·d). See `benchmarks/run.py`.", ""]
     return "\n".join(out)
@@ -75,7 +81,7 @@ def goal_rows(res: dict) -> list[str]:
     for n, w, s, r in _rows(res):
         if not s.startswith("device") or w["lora"] is None or r["status"] != "ok":
             continue
-        add(f"≥ {SPEED_VS_TORCH}× transformers+PEFT tokens/s", n, s, r.get("vs_torch_speed"),
+        add(f"≥ {SPEED_VS_TORCH}× the best peer's tokens/s", n, s, r.get("vs_best_peer_speed"),
             SPEED_VS_TORCH, "{:.2f}×")
         add(f"≤ {RSS_VS_TORCH}× transformers+PEFT peak RSS", n, s, r.get("vs_torch_rss"),
             RSS_VS_TORCH, "{:.2f}×", le=True)

@@ -37,6 +37,12 @@ def test_quick_run_writes_results(tmp_path):
     [js] = tmp_path.glob("*-quick.json")
     res = json.loads(js.read_text())
     assert set(res["workloads"]) == {"tiny-lora", "tiny-full"}
+    peak = res["machine"]["peak"]  # the yardstick: every GEMM probe ran, MFU is against the best
+    assert {k: v["status"] for k, v in peak["probes"].items()} == dict.fromkeys(
+        ("numpy", "torch", "litert-bmm", "litert-fc"), "ok"), peak["probes"]
+    assert peak["best_gflops"] == max(v["gflops"] for v in peak["probes"].values())
+    assert res["machine"]["matmul_peak_gflops"] == peak["best_gflops"]
+    assert "BATCH_MATMUL" in peak["probes"]["litert-bmm"]["ops"]
     for name, w in res["workloads"].items():
         st = {s: x["status"] for s, x in w["systems"].items()}
         assert st["jax"] == st["torch"] == st["device"] == "ok", (name, st)
@@ -47,7 +53,7 @@ def test_quick_run_writes_results(tmp_path):
                 assert len(x["times"]) == res["steps"] + 1
         assert w["systems"]["device"]["export"]["bundle_bytes"] > 0
     md = js.with_suffix(".md").read_text()
-    assert "| tiny-lora | device |" in md and "## Goals" in md
+    assert "| tiny-lora | device |" in md and "## Goals" in md and "| litert-fc |" in md
     assert "| tiny-lora | device |" in r.stdout  # the table is printed too
     pngs = sorted(tmp_path.glob("*.png"))
     assert [p.name.split("quick-")[1] for p in pngs] == ["peak-rss.png", "tokens-per-s.png"]
