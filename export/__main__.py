@@ -25,9 +25,10 @@ def main(argv=None) -> int:
                     help="per-block signatures with the weights streamed from a store on disk "
                          "(any model size; the phone's memory is about one layer's weights "
                          "plus activations); default: one monolithic program (<= 150M params)")
-    ap.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
+    ap.add_argument("--store-dtype", default="float32", choices=["float32", "float16", "int8"],
                     help="sharded only: dtype of the frozen weights in the store (float16 "
-                         "halves the bundle; they are widened to float32 per layer)")
+                         "halves the bundle; int8, with one scale per output channel, "
+                         "quarters it; they are widened to float32 per layer)")
     ap.add_argument("--side", action="store_true",
                     help="a side-tuning bundle (the recipe's side= section): the backbone's "
                          "per-block forward for `device side-train` plus the side network's "

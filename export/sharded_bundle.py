@@ -30,10 +30,12 @@ from mobiletune.io import safetensors as st
 from mobiletune.programs.sharded import ShardedModel, signature_meta
 from mobiletune.runtime import bundle as B
 from mobiletune.runtime.metrics import peak_rss_mb
+from mobiletune.runtime.sharded import int8
 from mobiletune.train.recipe import Recipe
 from mobiletune.train.setup import split_params
 
-STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
+FLOAT_STORES = {"float32": np.float32, "float16": np.float16}
+STORE_DTYPES = (*FLOAT_STORES, "int8")  # int8: per-output-channel scales (runtime/sharded/int8.py)
 
 
 def write_files(recipe: Recipe, tmp: Path, store_dtype: str,
@@ -53,7 +55,10 @@ def write_files(recipe: Recipe, tmp: Path, store_dtype: str,
                       recipe.optim_config(), {k: tuple(v.shape) for k, v in trainable.items()},
                       {k: tuple(v.shape) for k, v in frozen.items()}, recipe.seq_len,
                       vocab_chunk=vocab_chunk)
-    st.save(tmp / B.WEIGHTS, frozen, dtype=STORE_DTYPES[store_dtype])
+    if store_dtype == "int8":
+        st.save(tmp / B.WEIGHTS, int8.quantize_store(frozen, cfg.family))
+    else:
+        st.save(tmp / B.WEIGHTS, frozen, dtype=FLOAT_STORES[store_dtype])
     del frozen
     init = {B.trainable_name(k): np.asarray(v) for k, v in trainable.items() if np.any(v)}
     st.save(tmp / B.STATE, init)  # zeros (optimizer moments, accumulators, LoRA B) implied

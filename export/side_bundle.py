@@ -21,7 +21,7 @@ from export.common import (
     verify_in_fresh_process,
     write_report,
 )
-from export.sharded_bundle import STORE_DTYPES
+from export.sharded_bundle import FLOAT_STORES
 from mobiletune.formats.loading import load_model
 from mobiletune.io import atomic
 from mobiletune.io import safetensors as st
@@ -37,8 +37,8 @@ def export_side(recipe: Recipe, out, variants, store_dtype: str = "float32",
     if recipe.side is None:
         raise ExportError(f"--side: the recipe {recipe.name!r} has no side=SideConfig(...) "
                           f"section")
-    if store_dtype not in STORE_DTYPES:
-        raise ExportError(f"--store-dtype {store_dtype!r}: expected {' or '.join(STORE_DTYPES)}")
+    if store_dtype not in FLOAT_STORES:
+        raise ExportError(f"--store-dtype {store_dtype!r}: expected {' or '.join(FLOAT_STORES)} for a side bundle")
     t0 = time.perf_counter()
     out = Path(out)
     variants = check_variants(recipe, variants)
@@ -49,7 +49,7 @@ def export_side(recipe: Recipe, out, variants, store_dtype: str = "float32",
                        {k: tuple(v.shape) for k, v in params.items()}, recipe.seq_len,
                        vocab_chunk=vocab_chunk)
     tmp = atomic.staging_dir(out)
-    st.save(tmp / B.WEIGHTS, params, dtype=STORE_DTYPES[store_dtype])
+    st.save(tmp / B.WEIGHTS, params, dtype=FLOAT_STORES[store_dtype])
     n_all = sum(int(np.prod(v.shape)) for v in params.values())
     del params
     st.save(tmp / B.STATE, {})  # the phone holds no trainable state

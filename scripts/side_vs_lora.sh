@@ -20,7 +20,7 @@ plays = runpy.run_path("recipes/smollm2_shakespeare_side.py")["PLAYS"]
 print(" ".join(str(assets.text_path(f"shakespeare:{p}")) for p in plays))
 EOF
 )
-ppl() { mt ppl --model "$MODEL" "$@" --text shakespeare:hamlet --seq-len 512 --max-windows 4 | tail -1; }
+ppl() { mt ppl --model "$MODEL" "$@" --text shakespeare:hamlet --seq-len 512 --max-windows 4 | tail -1 | sed 's/ppl=//; s/ tokens=.*//'; }
 
 [ -f "$OUT/side.bundle/manifest.json" ] || mt export recipes/smollm2_shakespeare_side.py --side \
     "${SET[@]}" --out "$OUT/side.bundle" --store-dtype float16 --variants 4
@@ -48,9 +48,9 @@ field() { grep "$2" "$1" | awk -F': ' '{print $2}'; }
 {
   echo "| $MODEL, $STEPS steps x 4 x 128 tokens | Hamlet ppl (4 x 512) | phone wall | phone peak RSS |"
   echo "|---|---|---|---|"
-  echo "| base | ${BEFORE#ppl=} | | |"
-  echo "| side-tuning (int8, r=8) | ${SIDE#ppl=} | $(field "$OUT/side-phone.time" 'Elapsed (wall') | $(( $(field "$OUT/side-phone.time" 'Maximum resident') / 1024 )) MB |"
-  echo "| on-device LoRA (sharded, r=8) | ${LORA#ppl=} | $(field "$OUT/lora-phone.time" 'Elapsed (wall') | $(( $(field "$OUT/lora-phone.time" 'Maximum resident') / 1024 )) MB |"
+  echo "| base | $BEFORE | | |"
+  echo "| side-tuning (int8, r=8) | $SIDE | $(field "$OUT/side-phone.time" 'Elapsed (wall') | $(( $(field "$OUT/side-phone.time" 'Maximum resident') / 1024 )) MB |"
+  echo "| on-device LoRA (sharded, r=8) | $LORA | $(field "$OUT/lora-phone.time" 'Elapsed (wall') | $(( $(field "$OUT/lora-phone.time" 'Maximum resident') / 1024 )) MB |"
 } | tee "$OUT/results.md"
 "$PY" benchmarks/plot_curves.py "$OUT/loss.png" --title "$MODEL: loss vs wall-clock" \
     "$OUT/server/metrics.jsonl=side-tuning (server clock)" "$OUT/lora-phone/metrics.jsonl=on-device LoRA"

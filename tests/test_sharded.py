@@ -177,6 +177,53 @@ def test_float16_store_halves_the_bundle(tmp_path, sharded_runs):
     assert m.sharded.store_dtype == "float16"
 
 
+def test_int8_store_quarters_the_bundle_and_infers_with_its_own_weights(tmp_path, sharded_runs):
+    """``--store-dtype int8``: one scale per output channel (rows of the embedding, columns
+    of GPT-2's Conv1D weights); the store hands back exactly ``q * scale``, within half a
+    step of the float32 weight; ``infer`` on the int8 bundle equals ``models.forward`` on
+    those weights (1e-4) with the trained adapter."""
+    from mobiletune.formats.peft import load_adapter
+    from mobiletune.runtime.runner import open_bundle
+    from mobiletune.runtime.sharded import int8
+    from mobiletune.runtime.sharded.weights import WeightStore
+    d, recipe, bundle, dev = sharded_runs("gpt2-lora")
+    export_sharded(recipe, tmp_path / "b8", (1, 4), store_dtype="int8")
+    assert read_manifest(tmp_path / "b8").sharded.store_dtype == "int8"
+    w32, w8 = (bundle / B.WEIGHTS).stat().st_size, (tmp_path / "b8" / B.WEIGHTS).stat().st_size
+    assert w8 / w32 < 0.3, w8 / w32  # 1/4 + the scales and the float32 norms and biases
+    m = load_model(recipe.model)
+    store = WeightStore(tmp_path / "b8" / B.WEIGHTS)
+    assert store.scales["transformer.h.0.attn.c_attn.weight"].shape == (1, m.cfg.hidden_size * 3)  # Conv1D
+    assert store.scales["transformer.wte.weight"].shape == (m.cfg.vocab_size, 1)
+    seen = int8.roundtrip(m.params, "gpt2")
+    for name in store.entries:
+        got, w = store.get(name), np.asarray(m.params[name])
+        np.testing.assert_array_equal(got, seen[name], err_msg=name)
+        if name in store.scales:
+            assert (np.abs(got - w) <= store.scales[name] * (0.5 + 1e-4)).all(), name  # + float32 rounding
+            assert np.abs(got - w).max() > 0, name
+    rows = [5, 0, 5, 77]
+    np.testing.assert_array_equal(store.gather_rows("transformer.wte.weight", rows), seen["transformer.wte.weight"][rows])
+    r = open_bundle(tmp_path / "b8", state=st.load(dev / "state.safetensors", mmap=False))
+    tokens = [464, 3290, 318, 257, 1332, 286]
+    lcfg, lora_params = load_adapter(dev / "adapter", m.cfg)
+    params = {**{k: jnp.asarray(v) for k, v in seen.items()}, **lora_params}
+    ref, _ = models.forward(params, m.cfg, jnp.asarray([tokens], jnp.int32), lora=lcfg.ctx())
+    np.testing.assert_allclose(r.infer(tokens, len(tokens) - 1), np.asarray(ref[0, -1]), atol=1e-4)
+
+
+def test_int8_store_without_its_scales_is_refused_by_name(tmp_path):
+    from mobiletune.runtime.bundle import BundleError
+    from mobiletune.runtime.sharded.weights import WeightStore
+    q = np.ones((3, 4), np.int8)
+    st.save(tmp_path / "w.safetensors", {"a.weight": q})
+    with pytest.raises(BundleError, match="'a.weight:scale'.*found none"):
+        WeightStore(tmp_path / "w.safetensors")
+    st.save(tmp_path / "w.safetensors", {"a.weight": q, "a.weight:scale": np.ones((4, 1), np.float32)})
+    with pytest.raises(BundleError, match=r"of shape \(3, 1\) or \(1, 4\); found float32 \(4, 1\)"):
+        WeightStore(tmp_path / "w.safetensors")
+
+
 def test_memory_budget_caches_weights_and_changes_nothing(sharded_runs, tmp_path):
     """With a budget the runner keeps widened layer weights between the passes (an LRU
     cache); the result is the same computation."""

@@ -81,7 +81,7 @@ APPLY, INFER, GET_STATE, SET_STATE, SET_FROZEN = ("apply", "infer", "get_state",
                                                   "set_frozen")
 OPTIMIZERS = ("decay", "nodecay")    # sharded optimizer signatures: with / without decay
 DTYPES = ("float32", "int32", "float16")
-STORE_DTYPES = ("float32", "float16")
+STORE_DTYPES = ("float32", "float16", "int8")
 
 
 class BundleError(MobiletuneError):

@@ -1,5 +1,6 @@
 """The sharded bundle's frozen weights: ``WeightStore`` reads one safetensors file,
-memory-mapped, a tensor (or a block of rows) at a time, widened to float32; pages are handed
+memory-mapped, a tensor (or a block of rows) at a time, widened to float32 (float16 cast;
+int8 times its per-channel scales, see ``int8.py``); pages are handed
 back to the kernel (``MADV_DONTNEED``) once a tensor has been copied, so a resident mapped
 page — which counts in RSS — does not outlive its use. ``LayerCache`` keeps widened weights
 between the passes when a memory budget allows."""
@@ -15,6 +16,7 @@ import numpy as np
 
 from mobiletune.io import safetensors as st
 from mobiletune.runtime.bundle import BundleError
+from mobiletune.runtime.sharded.int8 import scale_name
 
 _PAGE = mmap.PAGESIZE
 
@@ -29,9 +31,9 @@ class WeightStore:
         self.entries = {}
         for name, e in header.items():
             dt = st.DTYPES.get(e["dtype"])
-            if dt not in (np.float32, np.float16):
+            if dt not in (np.float32, np.float16, np.int8):
                 raise BundleError(f"{self.path}: tensor {name!r} is {e['dtype']}; the weight "
-                                  f"store holds F32 or F16")
+                                  f"store holds F32, F16 or I8")
             b, en = e["data_offsets"]
             shape = tuple(e["shape"])
             if en - b != int(np.prod(shape)) * np.dtype(dt).itemsize:
@@ -40,6 +42,26 @@ class WeightStore:
             self.entries[name] = (np.dtype(dt), shape, start + b)
         self._f = open(self.path, "rb")
         self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.scales = {}  # int8 tensor name -> float32 scales, (rows, 1) or (1, cols)
+        for name, (dt, shape, _) in list(self.entries.items()):
+            if dt == np.int8:
+                self.scales[name] = self._scales(name, shape)
+
+    def _scales(self, name, shape) -> np.ndarray:
+        """The float32 scales stored beside int8 tensor ``name`` (read once, then dropped
+        from the entries: they are not weights)."""
+        key = scale_name(name)
+        dt, sshape, _ = self.entries.get(key, (None, None, None))
+        want = ((shape[0], 1), (1, shape[1])) if len(shape) == 2 else ()
+        if dt != np.float32 or sshape not in want:
+            raise BundleError(f"{self.path}: int8 tensor {name!r} {shape} needs float32 scales "
+                              f"{key!r} of shape {' or '.join(map(str, want)) or '(2-D only)'}; "
+                              f"found {'none' if dt is None else f'{dt} {sshape}'}")
+        a, b0, nb = self._view(key)
+        out = a.copy()
+        self.release(b0, nb)
+        del self.entries[key]
+        return out
 
     def __contains__(self, name) -> bool:
         return name in self.entries
@@ -74,6 +96,9 @@ class WeightStore:
         else:
             out[: len(a)] = a
             res = out
+        if name in self.scales:
+            s = self.scales[name]
+            res[: len(a)] *= s[r0: r0 + len(a)] if s.shape[0] > 1 else s
         self.release(b0, nb)
         return res
 
@@ -91,7 +116,11 @@ class WeightStore:
                 raise BundleError(f"{self.path}: row {int(i)} of {name!r} is out of range "
                                   f"(it has {shape[0]} rows)")
             os.preadv(self._f.fileno(), [rows[j]], off + int(i) * row * dt.itemsize)
-        return rows[inv].reshape(*ids.shape, *shape[1:]).astype(np.float32, copy=False)
+        rows = rows.astype(np.float32, copy=False)
+        if name in self.scales:
+            s = self.scales[name]
+            rows *= s[uniq] if s.shape[0] > 1 else s
+        return rows[inv].reshape(*ids.shape, *shape[1:])
 
 
 class LayerCache:
