@@ -38,7 +38,8 @@ def export_side(recipe: Recipe, out, variants, store_dtype: str = "float32",
         raise ExportError(f"--side: the recipe {recipe.name!r} has no side=SideConfig(...) "
                           f"section")
     if store_dtype not in FLOAT_STORES:
-        raise ExportError(f"--store-dtype {store_dtype!r}: expected {' or '.join(FLOAT_STORES)} for a side bundle")
+        raise ExportError(f"--store-dtype {store_dtype!r}: expected "
+                          f"{' or '.join(FLOAT_STORES)} for a side bundle")
     t0 = time.perf_counter()
     out = Path(out)
     variants = check_variants(recipe, variants)
