@@ -17,6 +17,9 @@ def _add_model(p, adapter=True):
                         "name: smollm2-135m, gemma3-270m")
     if adapter:
         p.add_argument("--adapter", help="LoRA adapter directory in PEFT's layout")
+    p.add_argument("--int8-base", action="store_true",
+                   help="compute with the base weights an int8 weight store gives back (what a "
+                        "bundle exported with --store-dtype int8 trains on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +116,9 @@ def _load(args):
 
     from mobiletune.formats.loading import load_model
     m = load_model(args.model)
+    if getattr(args, "int8_base", False):
+        from mobiletune.runtime.sharded import int8
+        m.params = int8.roundtrip(m.params, m.cfg.family)
     lctx = None
     if getattr(args, "adapter", None):
         from mobiletune.formats.peft import load_adapter
