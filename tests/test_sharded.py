@@ -187,7 +187,7 @@ def test_int8_store_quarters_the_bundle_and_infers_with_its_own_weights(tmp_path
     from mobiletune.runtime.sharded import int8
     from mobiletune.runtime.sharded.weights import WeightStore
     d, recipe, bundle, dev = sharded_runs("gpt2-lora")
-    export_sharded(recipe, tmp_path / "b8", (1, 4), store_dtype="int8")
+    export_sharded(recipe, tmp_path / "b8", (1,), store_dtype="int8")
     assert read_manifest(tmp_path / "b8").sharded.store_dtype == "int8"
     w32, w8 = (bundle / B.WEIGHTS).stat().st_size, (tmp_path / "b8" / B.WEIGHTS).stat().st_size
     assert w8 / w32 < 0.3, w8 / w32  # 1/4 + the scales and the float32 norms and biases

@@ -419,3 +419,24 @@ def test_tls_on_loopback(env, tmp_path, certs):
         assert r.returncode == 0, r.stderr[-2000:]
         r = phone(env, url, tmp_path / "o2", "--steps", "2")
         assert r.returncode == 2 and "certificate does not verify" in r.stderr
+
+
+def test_side_weights_that_do_not_match_the_bundle_are_refused(env, reference_run, tmp_path):
+    """``device generate --side-weights``: a missing tensor, an extra one, a wrong shape and a
+    non-side bundle each give one error line naming the file and tensor (exit 2)."""
+    w, _ = env
+    _, ph = reference_run
+    good = st.load(ph / "side.safetensors", mmap=False)
+    cases = {"missing": {k: v for k, v in good.items() if k != "side.up.weight"},
+             "extra": {**good, "side.bogus": np.zeros(3, np.float32)},
+             "shape": {**good, "side.up.weight": good["side.up.weight"][:, :-1].copy()}}
+    want = {"missing": "'side.up.weight' is missing", "extra": "'side.bogus' is not part of this bundle",
+            "shape": "'side.up.weight' is float32"}
+    for name, tensors in cases.items():
+        f = tmp_path / f"{name}.safetensors"
+        st.save(f, tensors)
+        r = subprocess.run([*PY, "device", "generate", str(w / "bundle"), "--side-weights", str(f),
+                            "--prompt", "the", "--max-new-tokens", "2"], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert str(f) in r.stderr and want[name] in r.stderr, (name, r.stderr[-500:])
