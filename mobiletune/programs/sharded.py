@@ -130,6 +130,26 @@ class ShardedModel:
         _, vjp = jax.vjp(lambda x, wt: self.block_fwd(x, attn, {**w_frozen, **wt}), h, w_train)
         return vjp(dh)                                             # (dh_in, {name: grad})
 
+    def block_prefill(self, h, attn, w):
+        """``block_fwd`` plus the block's keys and values of every position (1, T, K, Dh)."""
+        t = h.shape[1]
+        positions = jnp.arange(t, dtype=jnp.int32)
+        z = jnp.zeros((h.shape[0], t, self.cfg.num_kv_heads, self.cfg.head_dim), jnp.float32)
+        kw = {} if attn is None else {"attn": attn}
+        h, (k, v) = self.fam.block(w, self.cfg, 0, h, positions, (z, z, jnp.int32(0)),
+                                   self._lora(), **kw)
+        return h, k, v
+
+    def block_decode(self, h, pos, k_cache, v_cache, attn, w):
+        """One position ``pos`` (h: (1, 1, D)) over the layer's cache (1, T, K, Dh): the new
+        hidden state and its own keys/values (1, 1, K, Dh), which the host writes to ``pos``."""
+        positions = pos + jnp.arange(1, dtype=jnp.int32)
+        kw = {} if attn is None else {"attn": attn}
+        h, (kb, vb) = self.fam.block(w, self.cfg, 0, h, positions, (k_cache, v_cache, pos),
+                                     self._lora(), **kw)
+        return (h, jax.lax.dynamic_slice_in_dim(kb, pos, 1, axis=1),
+                jax.lax.dynamic_slice_in_dim(vb, pos, 1, axis=1))
+
     def norm_fwd(self, h, w):
         return self.fam.final_norm(w, self.cfg, h)
 
@@ -238,6 +258,7 @@ class ShardedModel:
                 out[B.head_wgrad_sig(k)] = (lambda kw: {"g": self.head_wgrad(
                     kw["hn"], kw["w"], kw["col_valid"], kw["labels"], kw["lse"], kw["mask"])},
                     head_in + [TensorSpec("lse", (k, t), f32), TensorSpec("mask", (k, t), f32)])
+        out.update(self.decode_signatures(attn_specs, attn_of, wspecs))
         c = self.opt_chunk
         for which in self.opt_kinds():
             leaves = self.opt_leaves(which)
@@ -249,6 +270,37 @@ class ShardedModel:
             out[B.opt_sig(which)] = (upd, [TensorSpec("p", (c,), f32), TensorSpec("g", (c,), f32),
                                            *[TensorSpec(S + x.name, x.shape, x.dtype)
                                              for x in leaves]])
+        return out
+
+    def decode_signatures(self, attn_specs, attn_of, wspecs) -> dict[str, tuple]:
+        """Micro-batch 1 prefill / decode per block kind, and the final norm of one
+        position (the host embeds and applies the head)."""
+        t, d, f32 = self.seq_len, self.cfg.hidden_size, "float32"
+        cache = (1, t, self.cfg.num_kv_heads, self.cfg.head_dim)
+        out = {}
+        for kind, names in self.kinds.items():
+            p0 = next(lay["prefix"] for lay in self.layers if lay["kind"] == kind)
+            rels = names["frozen"] + names["trainable"]
+            ws = wspecs(rels, p0)
+
+            def prefill(kw, rels=rels):
+                h, k, v = self.block_prefill(kw["h"], attn_of(kw), {r: kw[W + r] for r in rels})
+                return {"h": h, "k": k, "v": v}
+
+            def decode(kw, rels=rels):
+                h, k, v = self.block_decode(kw["h"], kw["pos"], kw[B.K_CACHE], kw[B.V_CACHE],
+                                            attn_of(kw), {r: kw[W + r] for r in rels})
+                return {"h": h, "k": k, "v": v}
+            out[B.block_prefill_sig(kind)] = (prefill, [TensorSpec("h", (1, t, d), f32),
+                                                        *attn_specs, *ws])
+            out[B.block_decode_sig(kind)] = (decode, [
+                TensorSpec("h", (1, 1, d), f32), TensorSpec("pos", (), "int32"),
+                TensorSpec(B.K_CACHE, cache, f32), TensorSpec(B.V_CACHE, cache, f32),
+                *attn_specs, *ws])
+        ns = [TensorSpec(W + n, tuple(self.shapes[n]), f32) for n in self.norm_names]
+        out[B.NORM_DECODE] = (lambda kw: {"hn": self.norm_fwd(
+            kw["h"], {n: kw[W + n] for n in self.norm_names})},
+            [TensorSpec("h", (1, 1, d), f32), *ns])
         return out
 
     def layout(self, store_dtype: str) -> B.ShardedLayout:
