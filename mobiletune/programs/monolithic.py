@@ -146,12 +146,13 @@ class Program:
     def decode(self, state, frozen, token, pos, k_cache, v_cache):
         """One token (1, 1) at position ``pos`` over the cache: its logits and its own keys
         and values (L, 1, K, Dh) for slot ``pos`` (the host writes them)."""
+        from mobiletune.programs.sharded import decode_cfg
         params, lora = self._params_lora(state, frozen)
-        n = self.cfg.num_layers
+        n, cfg = self.cfg.num_layers, decode_cfg(self.cfg)
         cache = models.KVCache(tuple(k_cache[i][None] for i in range(n)),
                                tuple(v_cache[i][None] for i in range(n)), pos)
-        h, cache = models.hidden_states(params, self.cfg, token, cache, lora=lora)  # (1, 1, D)
-        logits = models.unembed(params, self.cfg, h)[0, 0]                          # (V,)
+        h, cache = models.hidden_states(params, cfg, token, cache, lora=lora)       # (1, 1, D)
+        logits = models.unembed(params, cfg, h)[0, 0]                               # (V,)
 
         def rows(bufs):                                                             # (L, 1, K, Dh)
             return jnp.stack([jax.lax.dynamic_slice_in_dim(b[0], pos, 1, axis=0) for b in bufs])
