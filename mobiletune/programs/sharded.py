@@ -40,6 +40,10 @@ from mobiletune.runtime.bundle import G, S, Signature, TensorSpec, W, signature_
 from mobiletune.train.optim import OptimConfig, decay_mask, make_optimizer
 
 NO_WINDOW = 1 << 30                  # "global" attention as a window no sequence reaches
+# Positions per block_decode call (the runtime reads it from the signature). One: LiteRT
+# runs a one-row FULLY_CONNECTED on a faster path than a few rows (SmolLM2-135M, 30 pinned
+# layers: 57 ms per call with 1 row, 106 with 4, 135 with 8).
+DECODE_CHUNK = 1
 
 
 def decode_cfg(cfg):
@@ -55,7 +59,8 @@ class ShardedModel:
     """Layout + signature functions for one (model, LoRA/full, optimizer, seq_len)."""
 
     def __init__(self, cfg, lcfg, optim: OptimConfig, trainable_shapes: dict, frozen_shapes: dict,
-                 seq_len: int, vocab_chunk: int = 4096, opt_chunk: int = 1 << 16):
+                 seq_len: int, vocab_chunk: int = 4096, opt_chunk: int = 1 << 16,
+                 decode_chunk: int = DECODE_CHUNK):
         if lcfg is not None and lcfg.dropout > 0:
             raise MobiletuneError(f"lora.dropout={lcfg.dropout}: bundles train without dropout "
                                   f"(LiteRT has no random ops); --set lora.dropout=0")
@@ -70,6 +75,7 @@ class ShardedModel:
         self.trainable = sorted(trainable_shapes)
         self.vocab_chunk = min(vocab_chunk, cfg.vocab_size)
         self.opt_chunk = opt_chunk
+        self.decode_chunk = min(decode_chunk, seq_len)
         self.head = self.fam.output_weight({k: k for k in self.shapes}, cfg)  # its HF name
         self.head_trainable = self.head in trainable_shapes
         self.embed_name = self.spec.embed
@@ -150,14 +156,15 @@ class ShardedModel:
         return h, k, v
 
     def block_decode(self, h, pos, k_cache, v_cache, attn, w):
-        """One position ``pos`` (h: (1, 1, D)) over the layer's cache (1, T, K, Dh): the new
-        hidden state and its own keys/values (1, 1, K, Dh), which the host writes to ``pos``."""
-        positions = pos + jnp.arange(1, dtype=jnp.int32)
+        """A chunk of C positions ``pos`` ... ``pos + C - 1`` (h: (1, C, D)) over the layer's
+        cache (1, T, K, Dh), whose first ``pos`` slots are real: the new hidden states and
+        their own keys/values (1, C, K, Dh), which the host writes into the cache. Rows past
+        the real tokens are padding that no real row attends to (causal mask)."""
+        positions = pos + jnp.arange(h.shape[1], dtype=jnp.int32)
         kw = {} if attn is None else {"attn": attn}
-        h, (kb, vb) = self.fam.block(w, decode_cfg(self.cfg), 0, h, positions,
-                                     (k_cache, v_cache, pos), self._lora(), **kw)
-        return (h, jax.lax.dynamic_slice_in_dim(kb, pos, 1, axis=1),
-                jax.lax.dynamic_slice_in_dim(vb, pos, 1, axis=1))
+        h, (k, v) = self.fam.block(w, decode_cfg(self.cfg), 0, h, positions,
+                                   L.CacheRows(k_cache, v_cache, pos), self._lora(), **kw)
+        return h, k, v
 
     def norm_fwd(self, h, w):
         return self.fam.final_norm(w, self.cfg, h)
@@ -282,15 +289,15 @@ class ShardedModel:
         return out
 
     def decode_signatures(self, attn_specs, attn_of, wspecs) -> dict[str, tuple]:
-        """Micro-batch 1 prefill / decode per block kind, and the final norm of one
-        position (the host embeds and applies the head)."""
-        t, d, f32 = self.seq_len, self.cfg.hidden_size, "float32"
+        """Per block kind ``block_prefill`` (the padded window) and ``block_decode`` over a
+        chunk of ``decode_chunk`` positions, and the final norm of one position (the host
+        embeds and applies the head)."""
+        t, d, c, f32 = self.seq_len, self.cfg.hidden_size, self.decode_chunk, "float32"
         cache = (1, t, self.cfg.num_kv_heads, self.cfg.head_dim)
         out = {}
         for kind, names in self.kinds.items():
             p0 = next(lay["prefix"] for lay in self.layers if lay["kind"] == kind)
             rels = names["frozen"] + names["trainable"]
-            ws = wspecs(rels, p0)
 
             def prefill(kw, rels=rels):
                 h, k, v = self.block_prefill(kw["h"], attn_of(kw), {r: kw[W + r] for r in rels})
@@ -301,11 +308,11 @@ class ShardedModel:
                                             attn_of(kw), {r: kw[W + r] for r in rels})
                 return {"h": h, "k": k, "v": v}
             out[B.block_prefill_sig(kind)] = (prefill, [TensorSpec("h", (1, t, d), f32),
-                                                        *attn_specs, *ws])
+                                                        *attn_specs, *wspecs(rels, p0)])
             out[B.block_decode_sig(kind)] = (decode, [
-                TensorSpec("h", (1, 1, d), f32), TensorSpec("pos", (), "int32"),
+                TensorSpec("h", (1, c, d), f32), TensorSpec("pos", (), "int32"),
                 TensorSpec(B.K_CACHE, cache, f32), TensorSpec(B.V_CACHE, cache, f32),
-                *attn_specs, *ws])
+                *attn_specs, *wspecs(rels, p0)])
         ns = [TensorSpec(W + n, tuple(self.shapes[n]), f32) for n in self.norm_names]
         out[B.NORM_DECODE] = (lambda kw: {"hn": self.norm_fwd(
             kw["h"], {n: kw[W + n] for n in self.norm_names})},

@@ -43,9 +43,12 @@ Sharded signatures take the weights as inputs (``W`` prefix; gradients come out 
 ``block_fwd_<kind>_b{k}``, ``block_bwd_<kind>_b{k}``, ``norm_fwd_b{k}``, ``norm_bwd_b{k}``,
 ``head_fwd_b{k}``, ``head_wgrad_b{k}`` (when the head trains), ``opt_<optimizer>``; for
 decoding with a KV cache (micro-batch 1, the embedding and the head on the host)
-``block_prefill_<kind>(h[1,T,D], W...) -> h, k[1,T,K,Dh], v[1,T,K,Dh]``,
-``block_decode_<kind>(h[1,1,D], pos[1], k_cache[1,T,K,Dh], v_cache[1,T,K,Dh], W...) -> h,
-k[1,1,K,Dh], v[1,1,K,Dh]`` and ``norm_decode(h[1,1,D], W...) -> hn``. The
+``block_prefill_<kind>(h[1,T,D], W...) -> h, k[1,T,K,Dh], v[1,T,K,Dh]`` (the padded window),
+``block_decode_<kind>(h[1,C,D], pos[1], k_cache[1,T,K,Dh], v_cache[1,T,K,Dh], W...) -> h,
+k[1,C,K,Dh], v[1,C,K,Dh]``: C positions from ``pos`` (C, the signature's ``h`` shape, is 1
+today; rows past the real tokens are padding no real row attends to) over the cache's first
+``pos`` slots, returning their keys/values for the host to write; and
+``norm_decode(h[1,1,D], W...) -> hn``. The
 ``ShardedLayout`` says which layers use which block kind, the embedding / norm / head names,
 the vocabulary and optimizer chunk sizes, the optimizer groups and their state leaves.
 
@@ -166,12 +169,12 @@ def head_wgrad_sig(k: int) -> str:
     return f"head_wgrad_b{k}"
 
 
-def block_prefill_sig(kind: str) -> str:
-    return f"block_prefill_{kind}"
-
-
 def block_decode_sig(kind: str) -> str:
     return f"block_decode_{kind}"
+
+
+def block_prefill_sig(kind: str) -> str:
+    return f"block_prefill_{kind}"
 
 
 def opt_sig(optimizer: str) -> str:

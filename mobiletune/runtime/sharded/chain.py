@@ -152,10 +152,14 @@ class ShardedRunner:
         return h.astype(np.float32, copy=False)
 
     def embed_at(self, ids, pos: int) -> np.ndarray:
-        """The embedding of (1, 1) token ids at position ``pos`` (decoding)."""
+        """The embedding of (1, C) token ids at positions ``pos`` ... (decoding; learned
+        position rows past the table, for padding, repeat its last row)."""
         h = self._rows(self.lay.embed, ids)
         if self.lay.positions:
-            h = h + self._rows(self.lay.positions, np.array([pos]))[None]
+            last = (self.state.shapes.get(self.lay.positions)
+                    or self.store.shape(self.lay.positions))[0] - 1
+            at = np.minimum(pos + np.arange(ids.shape[1]), last)
+            h = h + self._rows(self.lay.positions, at)[None]
         if self.lay.embed_scale is not None:
             h = h * np.float32(self.lay.embed_scale)
         return h.astype(np.float32, copy=False)
