@@ -38,12 +38,12 @@ def adapted_state(runner, seed: int = 1) -> dict:
 
 def desktop_tokens(recipe, state, n_new: int) -> list[int]:
     """What ``mobiletune generate`` computes: the JAX generator with a KV cache, over the
-    base weights plus the state's trainable tensors (the adapter)."""
+    base weights plus the state's trainable tensors (the adapter, or all weights)."""
     m = load_model(recipe.model)
-    lcfg = recipe.lora.resolved(m.cfg)
+    lora = recipe.lora.resolved(m.cfg).ctx() if recipe.lora else None
     params = {**{k: jnp.asarray(v) for k, v in m.params.items()},
               **{k: jnp.asarray(v) for k, v in B.trainable_part(state).items()}}
-    return generate(params, m.cfg, PROMPT, n_new, lora=lcfg.ctx())
+    return generate(params, m.cfg, PROMPT, n_new, lora=lora)
 
 
 @pytest.mark.parametrize("kind", ["mono", "sharded"])
@@ -76,6 +76,23 @@ def test_cached_greedy_equals_desktop_and_infer(exported, kind, family):
             base_logits = r.prefill(PROMPT)[0]
         else:
             assert np.abs(r.prefill(PROMPT)[0] - base_logits).max() > 1e-2
+
+
+def test_full_finetuning_state_decodes_as_desktop(exported):
+    """Full fine-tuning, sharded: every weight (the tied embedding/head too) comes from the
+    state; after a new state the pinned weights are rebuilt and the tokens follow it."""
+    recipe, bundle = exported("sharded", "llama", mode="full")
+    r = open_bundle(bundle)
+    n_new = r.manifest.seq_len - len(PROMPT)
+    before, _ = generate_ids(r, PROMPT, n_new)
+    rng = np.random.default_rng(2)
+    s = {k: (v + rng.normal(0.0, 0.05, v.shape).astype(np.float32)
+             if k.startswith(B.TRAINABLE) else v) for k, v in r.get_state().items()}
+    r.set_state(s)
+    after, _ = generate_ids(r, PROMPT, n_new)
+    assert after == generate_ids(r, PROMPT, n_new, cache=False)[0]
+    assert after == desktop_tokens(recipe, s, n_new)
+    assert after != before
 
 
 def test_decode_refuses_a_position_outside_the_window(exported):
