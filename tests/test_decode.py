@@ -124,3 +124,20 @@ def test_sharded_prefill_paths_agree(exported, family):
         got[prefill_min] = kv
     for a, b in ((got[0].k, got[n].k), (got[0].v, got[n].v)):
         np.testing.assert_allclose(a[:, :n], b[:, :n], atol=1e-5, rtol=1e-4)
+
+
+def test_schema_4_bundles_are_refused_with_the_reexport_command(exported, tmp_path):
+    """A bundle from before the decoding signatures (schema 4) is refused on load, saying
+    why and how to re-export it (no fallback to ``infer``: every schema-5 bundle decodes)."""
+    import json
+    import shutil
+
+    from mobiletune.runtime.bundle import read_manifest
+    _, bundle = exported("sharded", "llama")
+    d = tmp_path / "old"
+    shutil.copytree(bundle, d)
+    man = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**man, "schema_version": 4}))
+    with pytest.raises(BundleError, match=r"4 lacked the KV-cache decoding signatures.*"
+                                          r"re-export it: mobiletune export"):
+        read_manifest(d)
