@@ -92,7 +92,7 @@ class PinnedCall:
         self.it = Interpreter(model_path=str(path), num_threads=threads or usable_cores())
         self.calls = LiteRTCalls(self.it, str(path))
         self.name, self.fixed = name, fixed
-        first = self.calls(name, {**fixed, **inputs})
+        self.calls(name, {**fixed, **inputs})
         r = self.calls.runner(name)
         need = ("_interpreter_wrapper", "_subgraph_index", "_inputs", "_outputs")
         self._fast = all(hasattr(r, a) for a in need)
@@ -100,7 +100,6 @@ class PinnedCall:
             self._w, self._sub = r._interpreter_wrapper, r._subgraph_index
             self._in, self._out = dict(r._inputs), list(r._outputs)
             self.fixed = None               # copied into the interpreter; not kept twice
-        self.first = first
 
     def __call__(self, inputs: dict) -> dict:
         if not self._fast:
