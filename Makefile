@@ -1,7 +1,8 @@
 # The two commands a new user runs (see README):
 #   make demo   set up a virtual environment, install the real assets, run the main job
 #   make test   set up, install the assets, run the whole test suite
-#   make bench  every trainer on every workload (benchmarks/run.py; BENCH_ARGS=--quick: tiny)
+#   make bench  every trainer on every workload (benchmarks/run.py; BENCH_ARGS=--quick: tiny),
+#               then decoding speed with and without the KV cache vs JAX (benchmarks/decoding.py)
 # Everything installs from the package registries by pinned name; nothing is fetched from a
 # model hub at run time.
 
@@ -36,6 +37,7 @@ test-fast: setup
 
 bench: assets
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+	$(PY) benchmarks/decoding.py
 
 lint: setup
 	$(VENV)/bin/ruff check mobiletune export recipes tests benchmarks

@@ -28,8 +28,10 @@ from jax.experimental import jax2tf  # noqa: E402
 from export.common import ExportError  # noqa: E402
 from mobiletune.runtime.bundle import (  # noqa: E402
     APPLY,
+    DECODE,
     GET_STATE,
     INFER,
+    PREFILL,
     SET_FROZEN,
     SET_STATE,
     Signature,
@@ -101,6 +103,8 @@ def build_module(program, frozen_specs, variants):
         add(eval_sig(k), program.eval, b, False)
     add(APPLY, program.apply, (), True)
     add(INFER, program.infer, program.infer_specs(), False)
+    add(PREFILL, program.prefill, program.infer_specs(), False)
+    add(DECODE, program.decode, program.decode_specs(), False)
 
     get = tf.function(lambda: read(m.state), input_signature=[], autograph=False)
     sigs[GET_STATE] = get.get_concrete_function()

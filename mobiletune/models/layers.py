@@ -200,13 +200,33 @@ def attend(q, k, v, q_pos, k_pos, *, scale, k_valid=None, window=None, softcap=N
     return o.reshape(b, t, h, dh)
 
 
+class CacheRows(NamedTuple):
+    """A layer's KV cache that is read, not written: (B, S, K, Dh) keys and values of which
+    the first ``length`` slots are real. Attention runs over those and the new positions,
+    and the new positions' own keys/values come back for the caller to store (the phone's
+    decoder keeps the cache on the host and writes the rows itself)."""
+    k: jax.Array
+    v: jax.Array
+    length: jax.Array
+
+
 def attend_with_cache(q, k_new, v_new, positions, layer_cache, *, scale, window=None,
                       softcap=None):
     """Attention for one layer, optionally writing into / reading from a KV cache.
 
-    layer_cache: None (plain forward over the T new positions) or (k_buf, v_buf, length)
-    where the buffers are (B, max_len, K, Dh). Returns (out, (k_buf, v_buf) or None).
+    layer_cache: None (plain forward over the T new positions), (k_buf, v_buf, length)
+    where the buffers are (B, max_len, K, Dh), or ``CacheRows``. Returns (out, (k_buf,
+    v_buf) updated, or for ``CacheRows`` the new (k, v) rows; or None).
     """
+    if isinstance(layer_cache, CacheRows):
+        s, t = layer_cache.k.shape[1], q.shape[1]
+        slots = jnp.arange(s, dtype=positions.dtype)
+        k_all = jnp.concatenate([layer_cache.k, k_new.astype(layer_cache.k.dtype)], axis=1)
+        v_all = jnp.concatenate([layer_cache.v, v_new.astype(layer_cache.v.dtype)], axis=1)
+        valid = jnp.concatenate([slots < layer_cache.length, jnp.ones((t,), bool)])
+        out = attend(q, k_all, v_all, positions, jnp.concatenate([slots, positions]),
+                     scale=scale, k_valid=valid, window=window, softcap=softcap)
+        return out, (k_new, v_new)
     if layer_cache is None:
         return attend(q, k_new, v_new, positions, positions, scale=scale, window=window,
                       softcap=softcap), None

@@ -127,6 +127,46 @@ class Program:
         logits = models.unembed(params, self.cfg, h_last)[0, 0]            # (V,)
         return {}, {"logits": logits}
 
+    # --- KV-cache decoding: the cache is (L, T, K, Dh) per keys / values, held by the host --
+    def _params_lora(self, state, frozen):
+        ts, _ = self._unpack(state)
+        return ({**self._frozen(frozen), **ts.trainable},
+                None if self.steps.lcfg is None else self.steps.lcfg.ctx())
+
+    def prefill(self, state, frozen, tokens, last):
+        """``infer`` plus every position's keys and values (L, T, K, Dh)."""
+        params, lora = self._params_lora(state, frozen)
+        cache = models.new_cache(self.cfg, batch=1, max_len=tokens.shape[1])
+        h, cache = models.hidden_states(params, self.cfg, tokens, cache, lora=lora)  # (1, T, D)
+        h_last = jax.lax.dynamic_slice_in_dim(h, last, 1, axis=1)                  # (1, 1, D)
+        logits = models.unembed(params, self.cfg, h_last)[0, 0]                    # (V,)
+        return {}, {"logits": logits, "k": jnp.stack(cache.k)[:, 0],
+                    "v": jnp.stack(cache.v)[:, 0]}
+
+    def decode(self, state, frozen, token, pos, k_cache, v_cache):
+        """One token (1, 1) at position ``pos`` over the cache: its logits and its own keys
+        and values (L, 1, K, Dh) for slot ``pos`` (the host writes them)."""
+        from mobiletune.programs.sharded import decode_cfg
+        params, lora = self._params_lora(state, frozen)
+        n, cfg = self.cfg.num_layers, decode_cfg(self.cfg)
+        cache = models.KVCache(tuple(k_cache[i][None] for i in range(n)),
+                               tuple(v_cache[i][None] for i in range(n)), pos)
+        h, cache = models.hidden_states(params, cfg, token, cache, lora=lora)       # (1, 1, D)
+        logits = models.unembed(params, cfg, h)[0, 0]                               # (V,)
+
+        def rows(bufs):                                                             # (L, 1, K, Dh)
+            return jnp.stack([jax.lax.dynamic_slice_in_dim(b[0], pos, 1, axis=0) for b in bufs])
+        return {}, {"logits": logits, "k": rows(cache.k), "v": rows(cache.v)}
+
+    def cache_shape(self) -> tuple[int, ...]:
+        c = self.cfg
+        return (c.num_layers, self.seq_len, c.num_kv_heads, c.head_dim)
+
+    def decode_specs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("token", (1, 1), "int32"), TensorSpec("pos", (), "int32"),
+                TensorSpec(B.K_CACHE, self.cache_shape(), "float32"),
+                TensorSpec(B.V_CACHE, self.cache_shape(), "float32"))
+
     def batch_specs(self, k: int) -> tuple[TensorSpec, ...]:
         t = self.seq_len
         return (TensorSpec("inputs", (k, t), "int32"), TensorSpec("targets", (k, t), "int32"),

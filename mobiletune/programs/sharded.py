@@ -40,13 +40,27 @@ from mobiletune.runtime.bundle import G, S, Signature, TensorSpec, W, signature_
 from mobiletune.train.optim import OptimConfig, decay_mask, make_optimizer
 
 NO_WINDOW = 1 << 30                  # "global" attention as a window no sequence reaches
+# Positions per block_decode call (the runtime reads it from the signature). One: LiteRT
+# runs a one-row FULLY_CONNECTED on a faster path than a few rows (SmolLM2-135M, 30 pinned
+# layers: 57 ms per call with 1 row, 106 with 4, 135 with 8).
+DECODE_CHUNK = 1
+
+
+def decode_cfg(cfg):
+    """The config one-token decoding is traced with: products as einsum, which the converter
+    makes FULLY_CONNECTED. For one row against weights that are inputs (pinned) or variables
+    LiteRT runs that ~9x faster than the batched matmul against a materialised transpose
+    that training uses (measured: a 1536x576 product, 0.25 ms vs 2.2-2.8 ms per call).
+    Prefill (T rows) keeps the training form: as FULLY_CONNECTED it ran 2-3x slower."""
+    return cfg.replace(matmul="einsum")
 
 
 class ShardedModel:
     """Layout + signature functions for one (model, LoRA/full, optimizer, seq_len)."""
 
     def __init__(self, cfg, lcfg, optim: OptimConfig, trainable_shapes: dict, frozen_shapes: dict,
-                 seq_len: int, vocab_chunk: int = 4096, opt_chunk: int = 1 << 16):
+                 seq_len: int, vocab_chunk: int = 4096, opt_chunk: int = 1 << 16,
+                 decode_chunk: int = DECODE_CHUNK):
         if lcfg is not None and lcfg.dropout > 0:
             raise MobiletuneError(f"lora.dropout={lcfg.dropout}: bundles train without dropout "
                                   f"(LiteRT has no random ops); --set lora.dropout=0")
@@ -61,6 +75,7 @@ class ShardedModel:
         self.trainable = sorted(trainable_shapes)
         self.vocab_chunk = min(vocab_chunk, cfg.vocab_size)
         self.opt_chunk = opt_chunk
+        self.decode_chunk = min(decode_chunk, seq_len)
         self.head = self.fam.output_weight({k: k for k in self.shapes}, cfg)  # its HF name
         self.head_trainable = self.head in trainable_shapes
         self.embed_name = self.spec.embed
@@ -129,6 +144,27 @@ class ShardedModel:
     def block_bwd(self, h, dh, attn, w_frozen, w_train):
         _, vjp = jax.vjp(lambda x, wt: self.block_fwd(x, attn, {**w_frozen, **wt}), h, w_train)
         return vjp(dh)                                             # (dh_in, {name: grad})
+
+    def block_prefill(self, h, attn, w):
+        """``block_fwd`` plus the block's keys and values of every position (1, T, K, Dh)."""
+        t = h.shape[1]
+        positions = jnp.arange(t, dtype=jnp.int32)
+        z = jnp.zeros((h.shape[0], t, self.cfg.num_kv_heads, self.cfg.head_dim), jnp.float32)
+        kw = {} if attn is None else {"attn": attn}
+        h, (k, v) = self.fam.block(w, self.cfg, 0, h, positions, (z, z, jnp.int32(0)),
+                                   self._lora(), **kw)
+        return h, k, v
+
+    def block_decode(self, h, pos, k_cache, v_cache, attn, w):
+        """A chunk of C positions ``pos`` ... ``pos + C - 1`` (h: (1, C, D)) over the layer's
+        cache (1, T, K, Dh), whose first ``pos`` slots are real: the new hidden states and
+        their own keys/values (1, C, K, Dh), which the host writes into the cache. Rows past
+        the real tokens are padding that no real row attends to (causal mask)."""
+        positions = pos + jnp.arange(h.shape[1], dtype=jnp.int32)
+        kw = {} if attn is None else {"attn": attn}
+        h, (k, v) = self.fam.block(w, decode_cfg(self.cfg), 0, h, positions,
+                                   L.CacheRows(k_cache, v_cache, pos), self._lora(), **kw)
+        return h, k, v
 
     def norm_fwd(self, h, w):
         return self.fam.final_norm(w, self.cfg, h)
@@ -238,6 +274,7 @@ class ShardedModel:
                 out[B.head_wgrad_sig(k)] = (lambda kw: {"g": self.head_wgrad(
                     kw["hn"], kw["w"], kw["col_valid"], kw["labels"], kw["lse"], kw["mask"])},
                     head_in + [TensorSpec("lse", (k, t), f32), TensorSpec("mask", (k, t), f32)])
+        out.update(self.decode_signatures(attn_specs, attn_of, wspecs))
         c = self.opt_chunk
         for which in self.opt_kinds():
             leaves = self.opt_leaves(which)
@@ -249,6 +286,37 @@ class ShardedModel:
             out[B.opt_sig(which)] = (upd, [TensorSpec("p", (c,), f32), TensorSpec("g", (c,), f32),
                                            *[TensorSpec(S + x.name, x.shape, x.dtype)
                                              for x in leaves]])
+        return out
+
+    def decode_signatures(self, attn_specs, attn_of, wspecs) -> dict[str, tuple]:
+        """Per block kind ``block_prefill`` (the padded window) and ``block_decode`` over a
+        chunk of ``decode_chunk`` positions, and the final norm of one position (the host
+        embeds and applies the head)."""
+        t, d, c, f32 = self.seq_len, self.cfg.hidden_size, self.decode_chunk, "float32"
+        cache = (1, t, self.cfg.num_kv_heads, self.cfg.head_dim)
+        out = {}
+        for kind, names in self.kinds.items():
+            p0 = next(lay["prefix"] for lay in self.layers if lay["kind"] == kind)
+            rels = names["frozen"] + names["trainable"]
+
+            def prefill(kw, rels=rels):
+                h, k, v = self.block_prefill(kw["h"], attn_of(kw), {r: kw[W + r] for r in rels})
+                return {"h": h, "k": k, "v": v}
+
+            def decode(kw, rels=rels):
+                h, k, v = self.block_decode(kw["h"], kw["pos"], kw[B.K_CACHE], kw[B.V_CACHE],
+                                            attn_of(kw), {r: kw[W + r] for r in rels})
+                return {"h": h, "k": k, "v": v}
+            out[B.block_prefill_sig(kind)] = (prefill, [TensorSpec("h", (1, t, d), f32),
+                                                        *attn_specs, *wspecs(rels, p0)])
+            out[B.block_decode_sig(kind)] = (decode, [
+                TensorSpec("h", (1, c, d), f32), TensorSpec("pos", (), "int32"),
+                TensorSpec(B.K_CACHE, cache, f32), TensorSpec(B.V_CACHE, cache, f32),
+                *attn_specs, *wspecs(rels, p0)])
+        ns = [TensorSpec(W + n, tuple(self.shapes[n]), f32) for n in self.norm_names]
+        out[B.NORM_DECODE] = (lambda kw: {"hn": self.norm_fwd(
+            kw["h"], {n: kw[W + n] for n in self.norm_names})},
+            [TensorSpec("h", (1, 1, d), f32), *ns])
         return out
 
     def layout(self, store_dtype: str) -> B.ShardedLayout:

@@ -28,6 +28,12 @@ set of resource variables, so variants can be switched at any step:
   ``apply() -> loss, step``              optimizer on acc/count, then zero acc/*
   ``eval_b{k}(inputs, targets, loss_mask) -> nll, count``        no update
   ``infer(tokens[1,T], last[1]) -> logits[V]``                   next-token logits at ``last``
+  ``prefill(tokens[1,T], last[1]) -> logits[V], k[L,T,K,Dh], v[L,T,K,Dh]``  as ``infer``, plus
+      every position's keys and values (the KV cache; slots after ``last`` are padding)
+  ``decode(token[1,1], pos[1], k_cache[L,T,K,Dh], v_cache[L,T,K,Dh]) -> logits[V],
+      k[L,1,K,Dh], v[L,1,K,Dh]``  the token at position ``pos`` attends to cache slots
+      ``< pos`` and itself; it returns its own keys/values, which the host writes into slot
+      ``pos`` (the cache lives on the host between calls; the program holds none of it)
   ``get_state()`` / ``set_state(<input_name(state name)>...)`` / ``set_frozen(...)``
 inputs/targets are int32 (k, T); loss_mask float32 (k, T). The loss of an optimizer step is
 the summed NLL over counted tokens of the effective batch / their number.
@@ -35,7 +41,14 @@ the summed NLL over counted tokens of the effective batch / their number.
 Sharded signatures take the weights as inputs (``W`` prefix; gradients come out with
 ``G``, optimizer state with ``S``) and hold no variables; the host keeps the state:
 ``block_fwd_<kind>_b{k}``, ``block_bwd_<kind>_b{k}``, ``norm_fwd_b{k}``, ``norm_bwd_b{k}``,
-``head_fwd_b{k}``, ``head_wgrad_b{k}`` (when the head trains), ``opt_<optimizer>``. The
+``head_fwd_b{k}``, ``head_wgrad_b{k}`` (when the head trains), ``opt_<optimizer>``; for
+decoding with a KV cache (micro-batch 1, the embedding and the head on the host)
+``block_prefill_<kind>(h[1,T,D], W...) -> h, k[1,T,K,Dh], v[1,T,K,Dh]`` (the padded window),
+``block_decode_<kind>(h[1,C,D], pos[1], k_cache[1,T,K,Dh], v_cache[1,T,K,Dh], W...) -> h,
+k[1,C,K,Dh], v[1,C,K,Dh]``: C positions from ``pos`` (C, the signature's ``h`` shape, is 1
+today; rows past the real tokens are padding no real row attends to) over the cache's first
+``pos`` slots, returning their keys/values for the host to write; and
+``norm_decode(h[1,1,D], W...) -> hn``. The
 ``ShardedLayout`` says which layers use which block kind, the embedding / norm / head names,
 the vocabulary and optimizer chunk sizes, the optimizer groups and their state leaves.
 
@@ -48,7 +61,9 @@ input to the given array's shape, and ai-edge-litert 2.3.0's aarch64 build of
 the x86-64 build happens to tolerate it. So the manifest is refused if a signature declares
 a 0-d input, and the runner refuses a program that does.
 
-Schema 4 (this one) added the explicit ``step`` counter and the typed ``steps``,
+Schema 5 (this one) added the KV-cache decoding signatures (``prefill`` / ``decode``;
+sharded: ``block_prefill_*`` / ``block_decode_*`` / ``norm_decode``; side-tuning bundles
+have none). Schema 4 added the explicit ``step`` counter and the typed ``steps``,
 ``hf_config``, ``base_model``, ``thresholds`` and ``sharded`` fields. Older bundles are
 refused with the command that re-exports them (1-3 also passed 0-d inputs, or lacked them).
 """
@@ -64,7 +79,7 @@ from pathlib import Path
 
 from mobiletune.errors import MobiletuneError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 REEXPORT = "mobiletune export RECIPE.py --out BUNDLE [--sharded]"
 FORMAT = "mobiletune-training-bundle"
 
@@ -79,6 +94,8 @@ ACC_NLL, ACC_COUNT, STEP = "acc_nll", "acc_count", "step"
 W, G, S = "w__", "g__", "s__"        # sharded inputs: weights, gradients, optimizer state
 APPLY, INFER, GET_STATE, SET_STATE, SET_FROZEN = ("apply", "infer", "get_state", "set_state",
                                                   "set_frozen")
+PREFILL, DECODE, NORM_DECODE = "prefill", "decode", "norm_decode"   # KV-cache decoding
+K_CACHE, V_CACHE = "k_cache", "v_cache"   # decode inputs; the outputs "k", "v" are new rows
 OPTIMIZERS = ("decay", "nodecay")    # sharded optimizer signatures: with / without decay
 DTYPES = ("float32", "int32", "float16")
 STORE_DTYPES = ("float32", "float16", "int8")
@@ -150,6 +167,14 @@ def head_fwd_sig(k: int) -> str:
 
 def head_wgrad_sig(k: int) -> str:
     return f"head_wgrad_b{k}"
+
+
+def block_decode_sig(kind: str) -> str:
+    return f"block_decode_{kind}"
+
+
+def block_prefill_sig(kind: str) -> str:
+    return f"block_prefill_{kind}"
 
 
 def opt_sig(optimizer: str) -> str:
@@ -530,7 +555,8 @@ class Manifest:
             raise BundleError(f"{source}: schema_version {v} bundles are not read by this "
                               f"mobiletune (schema 1-2 passed scalars as 0-d signature inputs, "
                               f"which crash ai-edge-litert 2.3.0 on arm64; 3 lacked the step "
-                              f"counter); re-export it: {REEXPORT}")
+                              f"counter; 4 lacked the KV-cache decoding signatures); re-export "
+                              f"it: {REEXPORT}")
         m = cls(model=_model(r.sub("model")), lora=_lora(r), optim=r.sub("optim").d,
                 data=_data(r.sub("data")), recipe=r.sub("recipe").d,
                 seq_len=r.get("seq_len", POS), variants=tuple(r.get("variants", _list_of(POS))),
@@ -595,11 +621,14 @@ class Manifest:
             return sorted({*(block_fwd_sig(kind, k) for kind in kinds for k in ks),
                            norm_fwd_sig(1), side_in_sig(1), side_layer_sig(1), side_out_sig(1)})
         if self.sharded is None:
-            out = [APPLY, INFER, GET_STATE, SET_STATE] + ([SET_FROZEN] if self.frozen else [])
+            out = [APPLY, INFER, PREFILL, DECODE, GET_STATE, SET_STATE]
+            out += [SET_FROZEN] if self.frozen else []
             return out + [f(k) for k in ks for f in (train_step_sig, accumulate_sig, eval_sig)]
         lay = self.sharded
         trained = {s.name[len(TRAINABLE):] for s in self.state if s.name.startswith(TRAINABLE)}
-        out = [opt_sig(g.optimizer) for g in lay.groups]
+        out = [opt_sig(g.optimizer) for g in lay.groups] + [NORM_DECODE]
+        out += [f(kind) for kind in {x.kind for x in lay.layers}
+                for f in (block_prefill_sig, block_decode_sig)]
         for k in ks:
             out += [norm_fwd_sig(k), norm_bwd_sig(k), head_fwd_sig(k)]
             out += [head_wgrad_sig(k)] if lay.head in trained else []

@@ -52,9 +52,10 @@ def build_parser(prog: str = "python -m mobiletune.runtime") -> argparse.Argumen
                         "and backward passes instead of re-reading them (default: keep none)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("generate", help="generate with the bundle's infer signature",
+    p = sub.add_parser("generate", help="generate with the bundle's weights (KV cache)",
                        description="Generate from a prompt with the bundle's weights (and a "
-                                   "`train` run's state); the prefix is recomputed per token.")
+                                   "`train` run's state): one prefill over the prompt, then one "
+                                   "decode step per token over a KV cache.")
     p.add_argument("bundle")
     add_generation_options(p)
     p.add_argument("--state", help="a `device train` output directory (its state.safetensors)")
@@ -62,6 +63,9 @@ def build_parser(prog: str = "python -m mobiletune.runtime") -> argparse.Argumen
                    help="side-tuning bundles: the trained side network (side.safetensors from "
                         "`device side-train` or the server)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole prefix with `infer` for every token (the "
+                        "pre-cache path; same tokens, slower)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("side-train", help="server-assisted side-tuning: run the frozen backbone "
                                           "forward and stream its activations to a server",
@@ -132,9 +136,12 @@ def cmd_generate(args) -> int:
     from mobiletune.runtime.device_trainer import device_generate
     text, tps = device_generate(args.bundle, args.prompt, args.state, args.max_new_tokens,
                                 args.threads, chat=args.chat, temperature=args.temperature,
-                                seed=args.seed, side_weights=args.side_weights)
+                                seed=args.seed, side_weights=args.side_weights,
+                                cache=not args.no_cache)
     print(text)
-    print(f"[{tps:.1f} tokens/s, prefix recomputed per token]", file=sys.stderr)
+    how = ("prefix recomputed per token" if args.no_cache or args.side_weights
+           else "KV cache")
+    print(f"[{tps:.1f} tokens/s, {how}]", file=sys.stderr)
     return EXIT_OK
 
 

@@ -295,11 +295,13 @@ def write_outputs(runner, out: Path) -> None:
 
 def device_generate(bundle, prompt: str, state_dir=None, max_new_tokens: int = 48,
                     threads: int | None = None, chat: bool = False, temperature: float = 0.0,
-                    seed: int = 0, side_weights=None) -> tuple[str, float]:
-    """Generation with ``infer`` (the prefix is recomputed for every token): greedy at
-    temperature 0, else sampled (as ``mobiletune generate``); ``side_weights``: a
-    side-tuning bundle's trained side network. Returns (text, tokens/s)."""
-    from mobiletune.runtime.sampling import prompt_ids, sample
+                    seed: int = 0, side_weights=None, cache: bool = True) -> tuple[str, float]:
+    """Greedy at temperature 0, else sampled (as ``mobiletune generate``). With ``cache``
+    (the default) one ``prefill`` over the prompt, then one ``decode`` per new token over the
+    host-held KV cache; without it (and for side-tuning bundles, whose side network has no
+    cache: ``side_weights``) ``infer`` recomputes the whole prefix for every token. Both
+    give the same tokens. Returns (text, tokens/s including the prefill)."""
+    from mobiletune.runtime.sampling import prompt_ids
     state = None
     if state_dir is not None:
         state = st.load(Path(state_dir) / B.STATE, mmap=False)
@@ -307,19 +309,35 @@ def device_generate(bundle, prompt: str, state_dir=None, max_new_tokens: int = 4
     if side_weights is not None:
         from mobiletune.runtime.side.infer import SideInfer, load_side_weights
         runner = SideInfer(runner, load_side_weights(side_weights, runner.manifest))
+        cache = False
     tok = Tokenizer.from_dir(bundle)
     ids, stops = prompt_ids(tok, prompt, chat)
     t_max = runner.manifest.seq_len
     if len(ids) >= t_max:
         raise MobiletuneError(f"--prompt: {len(ids)} tokens; the bundle's window is {t_max}")
+    new, dt = generate_ids(runner, ids, max_new_tokens, temperature, seed, stops, cache)
+    return tok.decode(new), len(new) / max(dt, 1e-9)
+
+
+def generate_ids(runner, ids, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                 stops=(), cache: bool = True) -> tuple[list[int], float]:
+    """(new token ids after ``ids``, seconds): the generation loop of ``device_generate``
+    (stops before a stop token, at ``max_new_tokens`` or at the end of the window)."""
+    from mobiletune.runtime.sampling import sample
+    ids, t_max = list(ids), runner.manifest.seq_len
     rng = np.random.default_rng(seed)
     new = []
     t0 = time.perf_counter()
+    if cache:
+        logits, kv = runner.prefill(ids)
     while len(new) < max_new_tokens and len(ids) < t_max:
-        nxt = sample(runner.infer(ids, len(ids) - 1), temperature, rng)
+        if not cache:
+            logits = runner.infer(ids, len(ids) - 1)
+        nxt = sample(logits, temperature, rng)
         if nxt in stops:
             break
         ids.append(nxt)
         new.append(nxt)
-    dt = time.perf_counter() - t0
-    return tok.decode(new), len(new) / max(dt, 1e-9)
+        if cache and len(new) < max_new_tokens and len(ids) < t_max:
+            logits = runner.decode(nxt, len(ids) - 1, kv)
+    return new, time.perf_counter() - t0

@@ -26,8 +26,8 @@ def usable_cores() -> int:
 
 
 class LiteRTCalls:
-    def __init__(self, interpreter, source: str = "program"):
-        self.it, self.source = interpreter, source
+    def __init__(self, interpreter, source: str = "program", threads: int | None = None):
+        self.it, self.source, self.threads = interpreter, source, threads
         self._runners = {}
 
     @classmethod
@@ -47,7 +47,7 @@ class LiteRTCalls:
                 raise BundleError(f"{path}: signature {sig.name!r} takes "
                                   f"{sorted(have[sig.name]['inputs'])[:4]}..., the manifest says "
                                   f"{want[:4]}...")
-        return cls(it, str(path))
+        return cls(it, str(path), threads)
 
     def runner(self, name: str):
         r = self._runners.get(name)
@@ -71,3 +71,41 @@ class LiteRTCalls:
             return r(**args)
         except ValueError as e:
             raise BundleError(f"signature {name!r}: {e}") from None
+
+
+class PinnedCall:
+    """One signature on an interpreter of its own whose inputs stay set between calls.
+
+    LiteRT's ``SignatureRunner`` resizes and copies every input on every call; per-block
+    decoding would then copy a block's whole weights per token. Here the first call sets
+    every input (``fixed``, e.g. one layer's weights, and the first ``inputs``); later calls
+    copy in only the inputs they are given and run. It relies on two facts: LiteRT's arena
+    planner never reuses the memory of a graph input (inputs keep their values across
+    ``Invoke``), and an interpreter per pinned signature keeps one block's inputs from
+    another's. Uses ``SignatureRunner``'s tensor indices (ai-edge-litert 2.3.0's attributes
+    ``_interpreter_wrapper``, ``_subgraph_index``, ``_inputs``, ``_outputs``); where they
+    are missing it falls back to full calls (correct, slower)."""
+
+    def __init__(self, path: Path, name: str, fixed: dict, inputs: dict,
+                 threads: int | None = None):
+        from ai_edge_litert.interpreter import Interpreter
+        self.it = Interpreter(model_path=str(path), num_threads=threads or usable_cores())
+        self.calls = LiteRTCalls(self.it, str(path))
+        self.name, self.fixed = name, fixed
+        self.calls(name, {**fixed, **inputs})
+        r = self.calls.runner(name)
+        need = ("_interpreter_wrapper", "_subgraph_index", "_inputs", "_outputs")
+        self._fast = all(hasattr(r, a) for a in need)
+        if self._fast:
+            self._w, self._sub = r._interpreter_wrapper, r._subgraph_index
+            self._in, self._out = dict(r._inputs), list(r._outputs)
+            self.fixed = None               # copied into the interpreter; not kept twice
+
+    def __call__(self, inputs: dict) -> dict:
+        if not self._fast:
+            return self.calls(self.name, {**self.fixed, **inputs})
+        for k, v in inputs.items():
+            self._w.SetTensor(self._in[k], np.reshape(v, (1,)) if np.ndim(v) == 0 else v,
+                              self._sub)
+        self._w.Invoke(self._sub)
+        return {k: self._w.GetTensor(i, self._sub) for k, i in self._out}

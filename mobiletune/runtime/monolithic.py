@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from mobiletune.runtime import bundle as B
-from mobiletune.runtime.runner import check_state, check_variant, load_tensors, padded_tokens
+from mobiletune.runtime.runner import (
+    HostCache,
+    check_position,
+    check_state,
+    check_variant,
+    load_tensors,
+    padded_tokens,
+)
 
 
 class MonolithicRunner:
@@ -62,3 +69,16 @@ class MonolithicRunner:
     def infer(self, tokens, last: int) -> np.ndarray:
         t = padded_tokens(self.manifest, tokens)
         return np.array(self._run(B.INFER, {"tokens": t, "last": np.int32(last)})["logits"])
+
+    def prefill(self, tokens) -> tuple[np.ndarray, HostCache]:
+        t = padded_tokens(self.manifest, tokens)
+        out = self._run(B.PREFILL, {"tokens": t, "last": np.int32(len(tokens) - 1)})
+        return np.array(out["logits"]), HostCache(self.manifest, out["k"], out["v"])
+
+    def decode(self, token: int, pos: int, cache: HostCache) -> np.ndarray:
+        check_position(self.manifest, pos)
+        out = self._run(B.DECODE, {"token": np.full((1, 1), token, np.int32),
+                                   "pos": np.int32(pos), B.K_CACHE: cache.k, B.V_CACHE: cache.v})
+        cache.k[:, pos] = out["k"][:, 0]
+        cache.v[:, pos] = out["v"][:, 0]
+        return np.array(out["logits"])

@@ -48,6 +48,32 @@ class Runner(Protocol):
     def infer(self, tokens, last: int) -> np.ndarray:
         """Next-token logits (V,) at position ``last`` of ``tokens``."""
 
+    def prefill(self, tokens) -> tuple[np.ndarray, "HostCache"]:
+        """Next-token logits (V,) after ``tokens`` and their KV cache."""
+
+    def decode(self, token: int, pos: int, cache: "HostCache") -> np.ndarray:
+        """Next-token logits (V,) after ``token`` at position ``pos``; writes its keys and
+        values into slot ``pos`` of ``cache``."""
+
+
+class HostCache:
+    """The KV cache of one sequence, held by the host between ``prefill`` / ``decode``
+    calls: keys and values (L, T, K, Dh) float32, T the bundle's window. Slots at and after
+    the next position hold padding the program masks out."""
+
+    def __init__(self, m: Manifest, k=None, v=None):
+        c = m.model
+        shape = (c["num_layers"], m.seq_len, c["num_kv_heads"], c["head_dim"])
+        self.k = np.zeros(shape, np.float32) if k is None else np.ascontiguousarray(k, np.float32)
+        self.v = np.zeros(shape, np.float32) if v is None else np.ascontiguousarray(v, np.float32)
+        if self.k.shape != shape or self.v.shape != shape:
+            raise BundleError(f"KV cache of shape {self.k.shape}, the bundle's is {shape}")
+
+
+def check_position(m: Manifest, pos: int) -> None:
+    if not 0 <= pos < m.seq_len:
+        raise BundleError(f"decode position {pos} is outside the bundle's window of {m.seq_len}")
+
 
 def open_bundle(bundle_dir, threads: int | None = None, state: dict | None = None,
                 verify: bool = True, memory_budget_mb: float | None = None) -> Runner:

@@ -1,6 +1,7 @@
 """``python -m mobiletune.runtime.verify BUNDLE``: load a bundle the way the phone does and
 run one micro-batch of evaluation (and, for a monolithic bundle, ``infer``) on a zero
-batch; fail if any desktop framework got imported. The exporter runs this in a fresh
+batch, and one ``prefill`` + ``decode`` (KV-cache decoding; not for side-tuning bundles);
+fail if any desktop framework got imported. The exporter runs this in a fresh
 process after writing every bundle."""
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ def verify(bundle: str) -> list[str]:
         if logits.shape != (m.model["vocab_size"],):
             raise BundleError(f"{bundle}: infer gave logits of shape {logits.shape}, expected "
                               f"({m.model['vocab_size']},)")
+    if m.side is None and m.seq_len > 1:
+        logits, kv = r.prefill([0])
+        logits = np.concatenate([logits, r.decode(0, 1, kv)])
+        if logits.shape != (2 * m.model["vocab_size"],) or not np.isfinite(logits).all():
+            raise BundleError(f"{bundle}: prefill + decode gave logits of shape "
+                              f"{logits.shape} (finite: {np.isfinite(logits).all()}), expected "
+                              f"two finite rows of {m.model['vocab_size']}")
     return sorted(x for x in sys.modules if x.split(".")[0] in FORBIDDEN)
 
 

@@ -38,6 +38,7 @@ class ShardedRunner:
         self.state = HostState(manifest)
         self.vocab = int(manifest.model["vocab_size"])
         self.softcap = manifest.model.get("final_logit_softcapping")
+        self._decoder = None
 
     # --- the Runner interface -------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:
@@ -45,6 +46,7 @@ class ShardedRunner:
 
     def set_state(self, state: dict, zeros_for_missing: bool = False) -> None:
         self.state.set_state(state, zeros_for_missing)
+        self._decoder = None                     # its pinned weights are the old state's
 
     @property
     def grad(self) -> dict:
@@ -81,6 +83,19 @@ class ShardedRunner:
                                 f"export with --variants including 1")
         _, hn, _ = self._forward({"inputs": padded_tokens(self.manifest, tokens)})
         return self.logits_at(hn[0, last])
+
+    def decoder(self):
+        """The KV-cache decoder (``runtime.sharded.decode``), built on first use."""
+        if self._decoder is None:
+            from mobiletune.runtime.sharded.decode import ShardedDecoder
+            self._decoder = ShardedDecoder(self)
+        return self._decoder
+
+    def prefill(self, tokens):
+        return self.decoder().prefill(tokens)
+
+    def decode(self, token: int, pos: int, cache) -> np.ndarray:
+        return self.decoder().decode(token, pos, cache)
 
     def hidden_states(self, ids) -> list[np.ndarray]:
         """The backbone's hidden states h_0 (the embedding) ... h_L (after the last layer),
@@ -132,6 +147,19 @@ class ShardedRunner:
         h = self._rows(self.lay.embed, ids)
         if self.lay.positions:
             h = h + self._rows(self.lay.positions, np.arange(ids.shape[1]))[None]
+        if self.lay.embed_scale is not None:
+            h = h * np.float32(self.lay.embed_scale)
+        return h.astype(np.float32, copy=False)
+
+    def embed_at(self, ids, pos: int) -> np.ndarray:
+        """The embedding of (1, C) token ids at positions ``pos`` ... (decoding; learned
+        position rows past the table, for padding, repeat its last row)."""
+        h = self._rows(self.lay.embed, ids)
+        if self.lay.positions:
+            last = (self.state.shapes.get(self.lay.positions)
+                    or self.store.shape(self.lay.positions))[0] - 1
+            at = np.minimum(pos + np.arange(ids.shape[1]), last)
+            h = h + self._rows(self.lay.positions, at)[None]
         if self.lay.embed_scale is not None:
             h = h * np.float32(self.lay.embed_scale)
         return h.astype(np.float32, copy=False)

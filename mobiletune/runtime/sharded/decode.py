@@ -1,0 +1,96 @@
+"""KV-cache decoding of a sharded bundle (micro-batch 1; ``mobiletune.programs.sharded``'s
+``block_decode`` / ``norm_decode`` are its JAX reference).
+
+  a long prompt (> ``prefill_min`` tokens): h = embed(padded window);
+      per layer: h, k_i, v_i = block_prefill(h, W_i)          (weights streamed, as training)
+  a short prompt, and then each new token, per chunk of C tokens from position p (C = 1):
+      h = embed(tokens) (+ position rows)                                  host
+      per layer: h, k, v = block_decode(h, p, cache_i, W_i); cache_i[p:p+n] = k, v (n real)
+  hn = norm_decode(h of the last real token); logits = head @ hn           host head
+
+The cache lives on the host (``runtime.runner.HostCache``). Decoding keeps the whole model
+resident: each layer's ``block_decode`` runs on an interpreter of its own with the layer's
+weights pinned as inputs (``runtime.litert.PinnedCall``), so a call moves only the chunk's
+hidden states and the layer's cache through LiteRT, and the head is held widened to
+float32. Memory: about the model in float32 plus the cache. Built at the first ``prefill``
+(or ``decode``); a new state rebuilds it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mobiletune.runtime import bundle as B
+from mobiletune.runtime.litert import PinnedCall
+from mobiletune.runtime.runner import HostCache, check_position, padded_tokens
+
+# Prompts up to this many tokens go through block_decode one token at a time on the pinned
+# weights (SmolLM2-135M: ~57 ms a token); longer ones through block_prefill's one pass over
+# the padded window (~1 s for its 128 positions, weights streamed from the store).
+PREFILL_MIN = 16
+
+
+class ShardedDecoder:
+    def __init__(self, runner, prefill_min: int = PREFILL_MIN):
+        self.prefill_min = prefill_min
+        self.r, self.m, self.lay = runner, runner.manifest, runner.lay
+        kind = self.lay.layers[0].kind
+        h = next(s for s in self.m.signature(B.block_decode_sig(kind)).inputs if s.name == "h")
+        self.chunk = h.shape[1]
+        self.head = np.ascontiguousarray(runner.weight(self.lay.head), np.float32)  # (V, D)
+        self.norm = {B.W + n: runner.weight(n) for n in self.lay.norm}
+        c = self.m.model
+        shape = (1, self.m.seq_len, c["num_kv_heads"], c["head_dim"])          # (1, T, K, Dh)
+        zero = {"h": np.zeros((1, self.chunk, int(c["hidden_size"])), np.float32),
+                "pos": np.zeros((1,), np.int32), B.K_CACHE: np.zeros(shape, np.float32),
+                B.V_CACHE: np.zeros(shape, np.float32)}
+        prog = runner.dir / B.PROGRAM
+        self.layers = [PinnedCall(prog, B.block_decode_sig(ly.kind), runner._layer_inputs(i),
+                                  zero, runner.call.threads)
+                       for i, ly in enumerate(self.lay.layers)]
+
+    def _logits(self, h) -> np.ndarray:
+        """(V,) logits of one hidden state (1, 1, D): the final norm, then the head."""
+        hn = self.r.call(B.NORM_DECODE, {"h": h, **self.norm})["hn"][0, 0]
+        # einsum, not ``@``: numpy's BLAS leaves its worker threads spinning after a call,
+        # and on 2 cores they took the CPU from LiteRT's threads (30 layers: 65-70 ms a
+        # token with einsum or one BLAS thread, 110-145 ms after a threaded BLAS matvec;
+        # the matvec itself took 8 ms either way)
+        logits = np.einsum("vd,d->v", self.head, hn)
+        c = self.r.softcap
+        return logits if c is None else np.tanh(logits / np.float32(c)) * np.float32(c)
+
+    def _run(self, tokens, pos: int, cache: HostCache) -> np.ndarray:
+        """Tokens at positions ``pos`` ... through every layer, chunk by chunk, writing the
+        cache; the logits after the last one."""
+        c = self.chunk
+        for s in range(0, len(tokens), c):
+            part = list(tokens[s:s + c])
+            n, p = len(part), pos + s
+            ids = np.zeros((1, c), np.int32)
+            ids[0, :n] = part
+            h = self.r.embed_at(ids, p)                                      # (1, C, D)
+            at = np.full((1,), p, np.int32)
+            for i, call in enumerate(self.layers):
+                out = call({"h": h, "pos": at, B.K_CACHE: cache.k[i:i + 1],
+                            B.V_CACHE: cache.v[i:i + 1]})
+                h = out["h"]
+                cache.k[i, p:p + n], cache.v[i, p:p + n] = out["k"][0, :n], out["v"][0, :n]
+        return self._logits(np.ascontiguousarray(h[:, n - 1:n]))
+
+    def prefill(self, tokens) -> tuple[np.ndarray, HostCache]:
+        check_position(self.m, len(tokens) - 1)
+        cache = HostCache(self.m)
+        if len(tokens) <= self.prefill_min:
+            return self._run(tokens, 0, cache), cache
+        h = self.r.embed(padded_tokens(self.m, tokens))                     # (1, T, D)
+        for i, ly in enumerate(self.lay.layers):
+            out = self.r.call(B.block_prefill_sig(ly.kind), {"h": h, **self.r._layer_inputs(i)})
+            h = out["h"]
+            cache.k[i], cache.v[i] = out["k"][0], out["v"][0]
+        n = len(tokens)
+        return self._logits(np.ascontiguousarray(h[:, n - 1:n])), cache
+
+    def decode(self, token: int, pos: int, cache: HostCache) -> np.ndarray:
+        check_position(self.m, pos)
+        return self._run([token], pos, cache)
