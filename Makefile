@@ -3,6 +3,7 @@
 #   make test   set up, install the assets, run the whole test suite
 #   make bench  every trainer on every workload (benchmarks/run.py; BENCH_ARGS=--quick: tiny),
 #               then decoding speed with and without the KV cache vs JAX (benchmarks/decoding.py)
+#               and the int8 weight store vs float32/float16 (benchmarks/int8_store.py)
 # Everything installs from the package registries by pinned name; nothing is fetched from a
 # model hub at run time.
 
@@ -38,6 +39,7 @@ test-fast: setup
 bench: assets
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 	$(PY) benchmarks/decoding.py
+	$(PY) benchmarks/int8_store.py
 
 lint: setup
 	$(VENV)/bin/ruff check mobiletune export recipes tests benchmarks
