@@ -62,3 +62,32 @@ def client_texts(n: int = 3) -> list[Path]:
 def random_lora(rng, out_dim: int, in_dim: int, r: int) -> tuple[np.ndarray, np.ndarray]:
     return (rng.standard_normal((r, in_dim)).astype(np.float32),
             rng.standard_normal((out_dim, r)).astype(np.float32))
+
+
+def make_run(out: Path, method: str = "fedavg", clients: int = 2, rounds: int = 2,
+             ranks=(), dropout: float = 0.0, **spec) -> Path:
+    """A run directory for the tiny bundles: two Shakespeare roles per client count (the
+    smallest roles of two plays, LEAF style), profiles, fed.json."""
+    from mobiletune.fed import partition as PT
+    from mobiletune.fed import profiles as P
+    from mobiletune.fed import spec as S
+    cl = PT.shakespeare_roles(clients, plays=["macbeth", "tempest"], min_chars=3000, top=False)
+    cl = [{**c, "train": c["train"][:6000], "val": c["val"][:1500]} for c in cl]
+    PT.write(out, cl, None, "txt", {"partition": "shakespeare-roles"})
+    bundles = {f"r{r}": str(fed_bundle("mono", r)) for r in sorted({4, *ranks})}
+    profs = {f"d{i}": P.DeviceProfile(lora_rank=r, dropout=dropout) for i, r in enumerate(ranks or [None])}
+    P.write(out / P.FILE, P.Profiles(1, profs, list(profs)))  # seed 1: a dropout in rounds 1 and 3
+    S.write(out, S.RunSpec(method=method, rounds=rounds, local_steps=2, clients=clients,
+                           bundles=bundles, default_bundle="r4", eval_max_examples=8,
+                           round_timeout_s=300, **spec))
+    return out
+
+
+def final_adapter(run: Path) -> dict:
+    from mobiletune.io import safetensors as st
+    return st.load(run / "adapter" / "adapter_model.safetensors")
+
+
+def log_rows(run: Path) -> list[dict]:
+    import json
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

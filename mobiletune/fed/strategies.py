@@ -64,7 +64,7 @@ class Screened:
         for m in replies:
             src = m.metadata.src_node_id
             if m.has_error():
-                failed.append({"node": src, "reason": f"error {m.error.code}: {m.error.reason}"[:300]})
+                failed.append({"node": src, "reason": f"error {m.error.code}: {m.error.reason}"[-600:]})
                 log(WARNING, "round %s: node %s failed: %s", server_round, src, m.error.reason[:200])
                 continue
             try:
