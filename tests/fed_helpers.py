@@ -65,7 +65,7 @@ def random_lora(rng, out_dim: int, in_dim: int, r: int) -> tuple[np.ndarray, np.
 
 
 def make_run(out: Path, method: str = "fedavg", clients: int = 2, rounds: int = 2,
-             ranks=(), dropout: float = 0.0, **spec) -> Path:
+             ranks=(), dropout: float = 0.0, local_steps: int = 2, **spec) -> Path:
     """A run directory for the tiny bundles: two Shakespeare roles per client count (the
     smallest roles of two plays, LEAF style), profiles, fed.json."""
     from mobiletune.fed import partition as PT
@@ -77,7 +77,7 @@ def make_run(out: Path, method: str = "fedavg", clients: int = 2, rounds: int = 
     bundles = {f"r{r}": str(fed_bundle("mono", r)) for r in sorted({4, *ranks})}
     profs = {f"d{i}": P.DeviceProfile(lora_rank=r, dropout=dropout) for i, r in enumerate(ranks or [None])}
     P.write(out / P.FILE, P.Profiles(1, profs, list(profs)))  # seed 1: a dropout in rounds 1 and 3
-    S.write(out, S.RunSpec(method=method, rounds=rounds, local_steps=2, clients=clients,
+    S.write(out, S.RunSpec(method=method, rounds=rounds, local_steps=local_steps, clients=clients,
                            bundles=bundles, default_bundle="r4", eval_max_examples=8,
                            round_timeout_s=300, **spec))
     return out
