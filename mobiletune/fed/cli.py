@@ -52,8 +52,9 @@ def export(recipe_file: Path, out: Path, rank: int, variants, sharded: bool) -> 
     return out
 
 
-def prepare(recipe, fed, out: Path) -> S.RunSpec:
-    """Write everything a run needs into ``out`` (idempotent: bundles already there stay)."""
+def prepare(recipe, fed, out: Path, bundle_root: Path | None = None) -> S.RunSpec:
+    """Write everything a run needs into ``out`` (idempotent: bundles already there stay);
+    ``bundle_root``: where the bundles go (several runs of a bench share them)."""
     from mobiletune.fed import tasks
     out.mkdir(parents=True, exist_ok=True)
     rfile = out / "recipe.py"
@@ -64,7 +65,8 @@ def prepare(recipe, fed, out: Path) -> S.RunSpec:
     atomic.write_text(out / "fed_config.json", json.dumps(fed.__dict__, indent=1, default=list) + "\n")
     base_r = recipe.lora.r
     ranks = sorted(set(fed.ranks) | {base_r}) if fed.method == "flexlora" else [base_r]
-    bundles = {f"r{r}": str(export(rfile, out / "bundles" / f"r{r}", r, fed.variants, fed.sharded))
+    broot = bundle_root or out / "bundles"
+    bundles = {f"r{r}": str(export(rfile, broot / f"r{r}", r, fed.variants, fed.sharded))
                for r in ranks}
     if fed.partition == "shakespeare-roles":
         clients = PT.shakespeare_roles(fed.clients, fed.seed)
@@ -93,7 +95,8 @@ def prepare(recipe, fed, out: Path) -> S.RunSpec:
     return spec
 
 
-def run(recipe_path, out, clients=None, rounds=None, sets=(), resume=False) -> list[dict]:
+def run(recipe_path, out, clients=None, rounds=None, sets=(), resume=False,
+        bundle_root=None) -> list[dict]:
     from mobiletune.fed import recipe as FR
     from mobiletune.fed.server_app import LOG, read_log
     from mobiletune.fed.sim import simulate
@@ -103,8 +106,12 @@ def run(recipe_path, out, clients=None, rounds=None, sets=(), resume=False) -> l
     if (out / "server" / "checkpoints").is_dir() and any((out / "server" / "checkpoints").iterdir()) \
             and not resume:
         raise MobiletuneError(f"{out}: holds a run already; pass --resume to continue it")
-    spec = prepare(recipe, fed, out)
-    simulate(out, spec.clients)
+    spec = prepare(recipe, fed, out, bundle_root)
+    if fed.method in ("local-only", "centralized"):
+        from mobiletune.fed.baselines import run_baseline
+        run_baseline(out, fed.method, log=info)
+    else:
+        simulate(out, spec.clients)
     rows = read_log(out / LOG, spec.rounds)
     if not rows or rows[-1]["round"] != spec.rounds:
         raise MobiletuneError(f"{out}: the run stopped before round {spec.rounds} "

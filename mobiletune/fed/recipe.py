@@ -20,6 +20,7 @@ PARTITIONS = ("shakespeare-roles", "wordnet-dirichlet")
 @dataclass(frozen=True)
 class FedConfig:
     method: str = "fedavg"              # fedavg | fedprox | fedadam | flexlora | ffa
+    #                                     (baselines: local-only | centralized)
     clients: int = 8
     rounds: int = 5
     local_steps: int = 10
@@ -41,9 +42,9 @@ class FedConfig:
     eta: float = 0.01                   # FedAdam's server learning rate
 
     def __post_init__(self):
-        from mobiletune.fed.strategies import METHODS
-        if self.method not in METHODS:
-            raise MobiletuneError(f"fed.method={self.method!r}: expected one of {', '.join(METHODS)}")
+        methods = ("fedavg", "fedprox", "fedadam", "flexlora", "ffa", "local-only", "centralized")
+        if self.method not in methods:
+            raise MobiletuneError(f"fed.method={self.method!r}: expected one of {', '.join(methods)}")
         if self.partition not in PARTITIONS:
             raise MobiletuneError(f"fed.partition={self.partition!r}: expected one of {PARTITIONS}")
         for k in ("clients", "rounds", "local_steps"):
