@@ -35,6 +35,20 @@ def add_parser(sub) -> None:
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a FedConfig or Recipe field (repeatable)")
     q.add_argument("--resume", action="store_true", help="continue from the last completed round")
+    b = fsub.add_parser("bench", help="EdgeFlowerTune's protocols over runs: a table + figures")
+    b.add_argument("protocol", help="quality-under-budget | cost-to-target | robustness | all")
+    b.add_argument("--out", required=True, help="where the tables and figures go")
+    b.add_argument("--runs", nargs="*", default=[], metavar="NAME=DIR", help="finished runs")
+    b.add_argument("--recipe", help="a federated recipe: run --methods (and --dropouts) first "
+                                    "into OUT/<method>[-drop<p>] on one partition and bundle set")
+    b.add_argument("--methods", default="fedavg,fedprox,flexlora,local-only,centralized")
+    b.add_argument("--dropouts", default="", help="robustness: e.g. 0,0.2,0.4 (first is clean)")
+    b.add_argument("--clients", type=int)
+    b.add_argument("--rounds", type=int)
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--clean", help="robustness: the name of the clean run")
+    for k in ("budget-bytes", "budget-wall", "budget-energy", "target-ppl"):
+        b.add_argument(f"--{k}", type=float)
     p.set_defaults(func=main)
 
 
@@ -119,7 +133,42 @@ def run(recipe_path, out, clients=None, rounds=None, sets=(), resume=False,
     return rows
 
 
+def cmd_bench(args) -> int:
+    from mobiletune.fed.bench import bench
+    from mobiletune.fed.server_app import LOG, read_log
+    out = Path(args.out)
+    runs = {}
+    for item in args.runs:
+        name, eq, d = item.partition("=")
+        if not eq:
+            raise MobiletuneError(f"--runs {item!r}: expected NAME=DIR")
+        runs[name] = Path(d)
+    clean = args.clean
+    if args.recipe:
+        drops = [float(x) for x in args.dropouts.split(",") if x.strip()] or [None]
+        for m in [x.strip() for x in args.methods.split(",") if x.strip()]:
+            for dp in drops:
+                name = m if dp is None else f"{m}-drop{int(round(dp * 100))}"
+                d = out / name
+                sets = [*args.set, f"method={m}"] + ([] if dp is None else [f"dropout={dp}"])
+                done = read_log(d / LOG, 10 ** 9) if (d / LOG).exists() else []
+                if not done or done[-1]["round"] < (args.rounds or 0):
+                    run(args.recipe, d, args.clients, args.rounds, sets, resume=bool(done),
+                        bundle_root=out / "bundles")
+                runs[name] = d
+                if dp is not None and clean is None:
+                    clean = name
+    res = bench(args.protocol, runs, out, clean, budget_bytes=args.budget_bytes,
+                budget_wall=args.budget_wall, budget_energy=args.budget_energy,
+                target_ppl=args.target_ppl)
+    for p in res:
+        print((out / f"{p}.md").read_text())
+    return 0
+
+
 def main(args) -> int:
+    if args.fed_command == "bench":
+        return cmd_bench(args)
     rows = run(args.recipe, args.out, args.clients, args.rounds, args.set, args.resume)
     print("round  val_ppl  mc_acc  MB_total  wall_s  energy_J  rejected  failed")
     for r in rows:
