@@ -95,3 +95,50 @@ def test_a_round_sent_again_rewinds_to_its_start(tmp_path):
     r2b = again.train_round(r1.adapter, RoundConfig(steps=2), 2)
     for k in r2.adapter:
         np.testing.assert_array_equal(r2b.adapter[k], r2.adapter[k])
+
+
+def test_reset_policy_zeroes_moments_and_keeps_the_schedule():
+    from mobiletune.fed.local import moment_leaves
+    from mobiletune.runtime.runner import open_bundle
+    for kind in ("mono", "sharded"):
+        names = list(open_bundle(fed_bundle(kind)).get_state())
+        reset = set(moment_leaves(dict.fromkeys(names)))
+        opt = {n for n in names if n.startswith("opt/")}
+        assert {n for n in opt if "/mu/" in n or "/nu/" in n} <= reset
+        kept = opt - reset
+        assert kept and all(n.endswith("/count") for n in kept)          # the schedule's count
+        assert len([n for n in reset if n.endswith("/count")]) == len(kept)  # Adam's, one per group
+
+
+def phone_steps(c, seconds):
+    """Every optimizer step takes the phone ``seconds`` on its clock (deterministic)."""
+    from mobiletune.runtime.energy.clocks import SimClock
+    c.clock.advance = lambda s: SimClock.advance(c.clock, seconds)
+
+
+def test_a_straggler_stops_at_the_round_deadline(tmp_path):
+    c = LocalClient(fed_bundle("mono"), [client_texts()[0]], tmp_path / "c", log=lambda m: None)
+    phone_steps(c, 60.0)
+    res = c.train_round(c.initial_adapter(), RoundConfig(steps=6, deadline_s=150.0), 1, bytes_down=10_000,
+                        transfer=lambda n, up: 0.5)
+    m = res.metrics
+    assert m["deadline-hit"] == 1 and m["stopped"] == 1 and m["steps"] == 3
+    assert res.num_examples == 3 * c.m.effective_batch
+    assert m["download-s"] == m["upload-s"] == 0.5 and m["compute-s"] == 180.0
+    assert m["round-s"] == 181.0
+
+
+def test_battery_pauses_inside_a_round_and_energy_comes_from_the_trace(tmp_path):
+    trace = tmp_path / "trace.csv"   # 4 W while discharging; below 20 % at 150 s, charging at 400 s
+    trace.write_text("time,level,charging,temperature,current_a,voltage_v\n0,60,false,30,1.0,4.0\n"
+                     "150,15,false,30,1.0,4.0\n400,30,true,30,1.0,4.0\n")
+    c = LocalClient(fed_bundle("mono"), [client_texts()[0]], tmp_path / "c", battery=f"trace:{trace}",
+                    log=lambda m: None)
+    phone_steps(c, 60.0)
+    c.trainer.poll_s = 30.0
+    res = c.train_round(c.initial_adapter(), RoundConfig(steps=5), 1)
+    m = res.metrics
+    assert m["paused"] == 1 and m["steps"] == 5 and m["stopped"] == 0
+    assert m["energy-measured"] == 3                         # steps at 0-180 s, on battery
+    # 4 W × 60 s for each; the two steps while charging use the profile's 3 W × their compute
+    assert m["energy-j"] == pytest.approx(4.0 * 60.0 * 3, abs=3.0)

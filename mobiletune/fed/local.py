@@ -12,8 +12,9 @@ process, a rebooted phone) continues where it was. ``optimizer_state``:
   rounds; only the trainable tensors are replaced by the global adapter. With one client
   and FedAvg this makes R rounds of S steps the same run as R·S steps of ``device train``
   (``tests/test_fed_local.py``).
-* ``"reset"``: each round starts from the bundle's initial optimizer state (zero moments,
-  the schedule from its start), as a fresh optimizer per round.
+* ``"reset"``: each round starts with fresh Adam moments (zero ``mu``/``nu`` and Adam's own
+  step count, for its bias correction) while the learning-rate schedule keeps its
+  position, as a fresh optimizer per round on the global schedule.
 
 Method hooks (``DeviceTrainer.hooks``): FedProx adds μ·(w − w_global) to the step's
 gradient through the accumulators before ``apply`` (the bundle divides them by the token
@@ -84,6 +85,11 @@ class RoundResult:
     adapter: dict                       # wire names -> float32 arrays (FFA: B only)
     num_examples: int
     metrics: dict = field(default_factory=dict)
+    # metrics: steps, train-loss, step-time-s (measured here), phone-step-time-s,
+    # compute-s (phone seconds of the local phase: steps, throttle sleeps and battery
+    # pauses), download-s / upload-s (the profile's link), round-s (their sum), bytes-down /
+    # bytes-up (arrays), rss-avg-mb / rss-peak-mb, energy-j (energy-measured: how many steps
+    # the battery measured; the rest use the profile's power), paused, stopped, deadline-hit
 
 
 class LocalClient:
@@ -153,7 +159,7 @@ class LocalClient:
         start = self._round_start(rnd)
         state = {k: np.array(v) for k, v in r.get_state().items()}
         if cfg.optimizer_state == "reset":
-            state.update({k: self.initial[k].copy() for k in state if k.startswith(B.OPT)})
+            state.update({k: self.initial[k].copy() for k in moment_leaves(state)})
         if global_wire:
             want = ({k: s for k, s in self.expected.items() if k.endswith(W.B_SUFFIX)}
                     if cfg.frozen_a else self.expected)
@@ -163,7 +169,6 @@ class LocalClient:
         down_s = transfer(bytes_down, False) if transfer else 0.0
         self.clock.sleep(down_s)
         t0_clock, t0_wall, rss = self.clock.now(), time.perf_counter(), []
-        meter0 = (t.meter.total_j, t.meter.measured, t.meter.unmeasured)
         rows: list[dict] = []
 
         def after_step(tr, row):
@@ -190,9 +195,11 @@ class LocalClient:
         up_s = transfer(up_bytes, True) if transfer else 0.0
         compute_phone = self.clock.now() - t0_clock
         self.clock.sleep(up_s)
-        measured = t.meter.measured - meter0[1]
-        energy = (t.meter.total_j - meter0[0]) if measured and t.meter.unmeasured == meter0[2] \
-            else self.power_w * compute_phone
+        # energy: the battery's current × voltage where the trace (or the phone) reports them
+        # on battery; the profile's power × the step's phone seconds for the other steps
+        measured = sum(1 for x in rows if x.get("energy_j") is not None)
+        energy = sum(x["energy_j"] if x.get("energy_j") is not None
+                     else self.power_w * x["seconds"] * self.clock.speed for x in rows)
         atomic.write_text(self.out / FED_STATE, json.dumps({"clock": self.clock.now(),
                                                             "round": rnd}) + "\n")
         losses = [x["loss"] for x in rows]
@@ -204,7 +211,7 @@ class LocalClient:
             "round-s": down_s + compute_phone + up_s,
             "bytes-down": int(bytes_down), "bytes-up": up_bytes,
             "rss-avg-mb": float(np.mean(rss)) if rss else rss_mb(), "rss-peak-mb": peak_rss_mb(),
-            "energy-j": float(energy), "energy-measured": int(bool(measured)),
+            "energy-j": float(energy), "energy-measured": measured,
             "paused": sum(1 for e in events if e["event"] == "pause"),
             "stopped": int(run.stopped_by is not None), "deadline-hit": int(run.stopped_by == "deadline"),
             "lora-rank": self.rank, "host-wall-s": time.perf_counter() - t0_wall,
@@ -259,6 +266,17 @@ class LocalClient:
         finally:
             self.runner.set_state(keep)
         return nll, count
+
+
+def moment_leaves(state: dict) -> list[str]:
+    """The optimizer's moment leaves (``.../mu/...``, ``.../nu/...``) and the step count that
+    sits beside them (Adam's bias correction); not the schedule's count. Works for both the
+    monolithic (optax tree paths) and the sharded (``opt/<group>/<leaf>``) names."""
+    opt = [k for k in state if k.startswith(B.OPT)]
+    parents = {k.split("/mu/")[0] for k in opt if "/mu/" in k} | \
+              {k.split("/nu/")[0] for k in opt if "/nu/" in k}
+    return [k for k in opt if "/mu/" in k or "/nu/" in k
+            or (k.endswith("/count") and k[: -len("/count")] in parents)]
 
 
 def pad_batch(b: dict, k: int) -> dict:
