@@ -9,7 +9,8 @@
 * ``wordnet_dirichlet``: the WordNet "Define X" instruction set split by topic (the
   lexicographer file, e.g. noun.animal, 26 classes) with Dirichlet(α) proportions per class
   (Hsu et al. 2019): small α, few topics per client. Per-client held-out: a seeded
-  ``val_fraction`` of each client's records; the global held-out set is a disjoint slice.
+  ``val_fraction`` of each client's terms; the global held-out set: ``global_val`` terms no
+  client trains on (a term's senses stay on one side).
 """
 
 from __future__ import annotations
@@ -85,9 +86,10 @@ def wordnet_dirichlet(n: int, alpha: float, seed: int = 0, per_client: int = 200
     with record lists."""
     rng = np.random.default_rng(seed)
     recs = wordnet_records()
-    order = rng.permutation(len(recs))
-    gval = [recs[i] for i in order[:global_val]]
-    pool = [recs[i] for i in order[global_val:]]
+    terms = sorted({r["prompt"] for r in recs})          # a term's senses stay together
+    held = {terms[i] for i in rng.permutation(len(terms))[:global_val]}
+    gval = [r for r in recs if r["prompt"] in held]
+    pool = [r for r in recs if r["prompt"] not in held]
     by_topic: dict[int, list] = {}
     for r in pool:
         by_topic.setdefault(r["topic"], []).append(r)
@@ -104,9 +106,12 @@ def wordnet_dirichlet(n: int, alpha: float, seed: int = 0, per_client: int = 200
         if len(items) < 4:
             raise MobiletuneError(f"wordnet: client {c} got {len(items)} records (alpha={alpha}); "
                                   f"raise alpha or per_client")
-        k = max(1, int(round(len(items) * val_fraction)))
+        mine = sorted({r["prompt"] for r in items})
+        k = max(1, int(round(len(mine) * val_fraction)))
+        vt = {mine[i] for i in rng.permutation(len(mine))[:k]}
         topics = sorted({r["topic"] for r in items})
-        out.append({"name": f"wordnet-{c}", "train": items[k:], "val": items[:k], "topics": topics})
+        out.append({"name": f"wordnet-{c}", "train": [r for r in items if r["prompt"] not in vt],
+                    "val": [r for r in items if r["prompt"] in vt], "topics": topics})
     return out, gval
 
 
