@@ -33,8 +33,8 @@ def test_roles_are_parsed_from_the_play_layout():
 
 
 def test_shakespeare_roles_are_deterministic_and_held_out_apart():
-    from tests.helpers import require_asset
     from mobiletune import assets
+    from tests.helpers import require_asset
     require_asset(assets.text_path, "shakespeare:hamlet")
     a = PT.shakespeare_roles(4, seed=3, top=False)
     b = PT.shakespeare_roles(4, seed=3, top=False)
@@ -45,8 +45,8 @@ def test_shakespeare_roles_are_deterministic_and_held_out_apart():
 
 
 def test_wordnet_dirichlet_is_seeded_and_non_iid():
-    from tests.helpers import require_asset
     from mobiletune import assets
+    from tests.helpers import require_asset
     require_asset(assets.wordnet_nouns)
     a, ga = PT.wordnet_dirichlet(6, 0.1, seed=1, per_client=120)
     b, gb = PT.wordnet_dirichlet(6, 0.1, seed=1, per_client=120)
