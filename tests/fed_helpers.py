@@ -76,7 +76,7 @@ def make_run(out: Path, method: str = "fedavg", clients: int = 2, rounds: int = 
     PT.write(out, cl, None, "txt", {"partition": "shakespeare-roles"})
     bundles = {f"r{r}": str(fed_bundle("mono", r)) for r in sorted({4, *ranks})}
     profs = {f"d{i}": P.DeviceProfile(lora_rank=r, dropout=dropout) for i, r in enumerate(ranks or [None])}
-    P.write(out / P.FILE, P.Profiles(1, profs, list(profs)))  # seed 1: a dropout in rounds 1 and 3
+    P.write(out / P.FILE, P.Profiles(1, profs, list(profs)))  # seed 1: at dropout 0.3, partition 0 drops out of round 1
     S.write(out, S.RunSpec(method=method, rounds=rounds, local_steps=local_steps, clients=clients,
                            bundles=bundles, default_bundle="r4", eval_max_examples=8,
                            round_timeout_s=300, **spec))
