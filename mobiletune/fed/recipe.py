@@ -79,5 +79,10 @@ def override(r: Recipe, f: FedConfig, sets: list[str]) -> tuple[Recipe, FedConfi
             except MobiletuneError as e:
                 raise MobiletuneError(f"--set {s}: {e}") from None
         else:
+            top = key.split(".")[0]
+            if eq and top not in typing.get_type_hints(Recipe):
+                raise MobiletuneError(f"--set {key}: unknown key {top!r}; federation keys: "
+                                      f"{', '.join(sorted(hints))}; recipe keys: "
+                                      f"{', '.join(sorted(typing.get_type_hints(Recipe)))}")
             r = apply_overrides(r, [s])
     return r, f
