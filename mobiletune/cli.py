@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoint-every", type=int, default=10, help="optimizer steps (10)")
     q.set_defaults(func=cmd_side_serve)
 
+    from mobiletune.fed.cli import add_parser as add_fed_parser
+    add_fed_parser(sub)    # `mobiletune fed run ...` (mobiletune/fed/cli.py)
+
     p = sub.add_parser("convert", help="GGUF file -> Hugging Face directory (fp32 safetensors)")
     p.add_argument("--gguf", required=True, help="a .gguf file or an asset name")
     p.add_argument("--out", required=True, help="output directory")

@@ -11,7 +11,7 @@ import pytest
 from mobiletune.cli import build_parser, main
 from mobiletune.runtime.cli import build_parser as device_parser
 
-DESKTOP = {"ppl", "generate", "train", "export", "device", "side", "convert", "assets"}
+DESKTOP = {"ppl", "generate", "train", "export", "device", "side", "fed", "convert", "assets"}
 DEVICE = {"train", "side-train", "generate", "doctor", "kit"}
 
 

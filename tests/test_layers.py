@@ -9,7 +9,7 @@ from tests.helpers import imported
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ["errors", "io", "families", "runtime", "assets", "models", "formats", "inference",
-          "train", "programs", "side", "cli"]
+          "train", "programs", "side", "fed", "cli"]
 
 
 def layer(module: str) -> int | None:

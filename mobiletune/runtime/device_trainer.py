@@ -8,7 +8,11 @@ the result does not depend on the battery's history: the data stream is fixed by
 ``DeviceTrainer`` is the loop with small parts the federated and side-tuning clients reuse:
 ``read``/``decide`` (a battery reading through the scheduler), ``hold`` (a pause until the
 scheduler says run), ``optimizer_step`` (one step under a decision), ``checkpoint`` and
-``write_outputs``; ``run(steps)`` strings them together. State (trainable params,
+``write_outputs``; ``run(steps)`` strings them together. Hooks (``Hooks``) let a caller
+act at fixed points without copying the loop: ``before_apply`` / ``after_apply`` around
+each optimizer step (FedProx adds its proximal gradient to the accumulators there; FFA-LoRA
+zeroes the frozen factors' gradients), ``after_step`` (a row of metrics) and
+``should_stop`` (a round deadline); ``mobiletune.fed.local`` uses them. State (trainable params,
 optimizer state, accumulators, step) is checkpointed every N steps, on pause, on
 SIGTERM/SIGINT and at the end; ``resume()`` continues from the newest complete checkpoint.
 Metrics go to ``metrics.jsonl``, one row per optimizer step (and one per pause / resume /
@@ -45,6 +49,19 @@ from mobiletune.runtime.tokenizer import Tokenizer
 
 def info(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Hooks:
+    """Callables of the trainer (``DeviceTrainer.hooks``); each may be None.
+    ``before_apply(trainer)`` / ``after_apply(trainer)``: around ``runner.apply()``, with the
+    step's gradients in the accumulators; ``after_step(trainer, row)``: after a step's
+    metrics row is written; ``should_stop(trainer) -> str | None``: checked before each
+    step, a reason ends the run (with a checkpoint) as a signal does."""
+    before_apply: object = None
+    after_apply: object = None
+    after_step: object = None
+    should_stop: object = None
 
 
 @dataclass
@@ -124,6 +141,7 @@ class DeviceTrainer:
         self.data = D.BatchIterator(train, min(self.m.variants), self.m.data["seed"],
                                     batch_size=self.m.effective_batch)
         self.step, self.decision, self.metrics = 0, None, None
+        self.hooks = Hooks()
         log(f"battery: {described}")
 
     @classmethod
@@ -210,7 +228,11 @@ class DeviceTrainer:
             if pause:
                 self.clock.sleep(pause)  # the throttle: a duty cycle between micro-steps
                 slept += pause
+        if self.hooks.before_apply:
+            self.hooks.before_apply(self)
         loss, _ = self.runner.apply()
+        if self.hooks.after_apply:
+            self.hooks.after_apply(self)
         compute = time.perf_counter() - t0 - (0 if isinstance(self.clock, SimClock) else slept)
         self.clock.advance(compute)
         after = self.read()
@@ -236,6 +258,9 @@ class DeviceTrainer:
                 if sig.caught or (stop_after is not None and self.step - start >= stop_after):
                     stopped_by = sig.caught or "stop_after"
                     break
+                if self.hooks.should_stop and (why := self.hooks.should_stop(self)):
+                    stopped_by = why
+                    break
                 reading = self.read()
                 if self.decide(reading).action != "run":
                     stopped_by = self.hold(reading, sig)
@@ -244,6 +269,8 @@ class DeviceTrainer:
                     continue
                 row = self.optimizer_step(reading)
                 self.metrics.write(row)
+                if self.hooks.after_step:
+                    self.hooks.after_step(self, row)
                 bar.update(1, **self.progress(row))
                 if self.step % self.checkpoint_every == 0:
                     self.checkpoint()

@@ -1,0 +1,93 @@
+"""What the federated tests share: tiny LoRA bundles (exported once per process, a
+prime-sized random Llama with GPT-2's tokenizer, warmup + cosine schedule so the schedule
+position matters), small client texts, and the numpy references."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SEQ = 16
+
+
+@functools.cache
+def _root() -> Path:
+    return Path(tempfile.mkdtemp(prefix="mobiletune-fed-"))
+
+
+@functools.cache
+def tiny_model() -> Path:
+    from tests.tiny import tiny_dir_with_gpt2_tokenizer
+    return tiny_dir_with_gpt2_tokenizer(_root() / "model", "llama")
+
+
+def fed_recipe(rank: int = 4, **kw):
+    from mobiletune.train.recipe import LoraConfig, OptimConfig, Recipe
+    return Recipe(**{"name": "fed-tiny", "model": str(tiny_model()), "data": ("unused",),
+                     "seq_len": SEQ, "micro_batch": 2, "accumulation": 1, "steps": 12,
+                     "lora": LoraConfig(r=rank, alpha=8, target_modules=("q_proj", "v_proj", "down_proj")),
+                     "optim": OptimConfig(lr=3e-3, warmup_steps=2, schedule="cosine",
+                                          total_steps=12, weight_decay=0.01), **kw})
+
+
+@functools.cache
+def fed_bundle(kind: str = "mono", rank: int = 4) -> Path:
+    """A tiny LoRA bundle (variants 1, 2): ``kind`` mono or sharded, LoRA rank ``rank``."""
+    from export.monolithic_bundle import export_bundle
+    from export.sharded_bundle import export_sharded
+    out = _root() / f"bundle-{kind}-r{rank}"
+    if kind == "mono":
+        export_bundle(fed_recipe(rank), out, variants=(1, 2), verify=False)
+    else:
+        export_sharded(fed_recipe(rank), out, variants=(1, 2), verify=False)
+    return out
+
+
+@functools.cache
+def client_texts(n: int = 3) -> list[Path]:
+    """``n`` different small texts (Botchan slices), one per client."""
+    from mobiletune import assets
+    text = assets.read_text("botchan")
+    out = []
+    for i in range(n):
+        p = _root() / f"client{i}.txt"
+        p.write_text(text[i * 3000:(i + 1) * 3000], encoding="utf-8")
+        out.append(p)
+    return out
+
+
+def random_lora(rng, out_dim: int, in_dim: int, r: int) -> tuple[np.ndarray, np.ndarray]:
+    return (rng.standard_normal((r, in_dim)).astype(np.float32),
+            rng.standard_normal((out_dim, r)).astype(np.float32))
+
+
+def make_run(out: Path, method: str = "fedavg", clients: int = 2, rounds: int = 2,
+             ranks=(), dropout: float = 0.0, local_steps: int = 2, **spec) -> Path:
+    """A run directory for the tiny bundles: two Shakespeare roles per client count (the
+    smallest roles of two plays, LEAF style), profiles, fed.json."""
+    from mobiletune.fed import partition as PT
+    from mobiletune.fed import profiles as P
+    from mobiletune.fed import spec as S
+    cl = PT.shakespeare_roles(clients, plays=["macbeth", "tempest"], min_chars=3000, top=False)
+    cl = [{**c, "train": c["train"][:6000], "val": c["val"][:1500]} for c in cl]
+    PT.write(out, cl, None, "txt", {"partition": "shakespeare-roles"})
+    bundles = {f"r{r}": str(fed_bundle("mono", r)) for r in sorted({4, *ranks})}
+    profs = {f"d{i}": P.DeviceProfile(lora_rank=r, dropout=dropout) for i, r in enumerate(ranks or [None])}
+    P.write(out / P.FILE, P.Profiles(1, profs, list(profs)))  # seed 1: at dropout 0.3, partition 0 drops out of round 1
+    S.write(out, S.RunSpec(method=method, rounds=rounds, local_steps=local_steps, clients=clients,
+                           bundles=bundles, default_bundle="r4", eval_max_examples=8,
+                           round_timeout_s=300, **spec))
+    return out
+
+
+def final_adapter(run: Path) -> dict:
+    from mobiletune.io import safetensors as st
+    return st.load(run / "adapter" / "adapter_model.safetensors")
+
+
+def log_rows(run: Path) -> list[dict]:
+    import json
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
