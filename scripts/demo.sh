@@ -55,10 +55,16 @@ echo "Hamlet perplexity before: $(cat "$OUT/ppl_before.txt")   with the side net
 mt device generate "$OUT/smollm2-side" --side-weights "$OUT/side-phone/side.safetensors" \
    --prompt "HAMLET. To be, or not to be" --max-new-tokens 20
 
-echo "== 6. The phone kit (aarch64 wheels + setup.sh, installs offline) and the device check =="
+echo "== 6. A federated round on Flower's simulation engine: 3 phones (Shakespeare roles), FedAvg =="
+rm -rf "$OUT/fed"
+mt fed run recipes/smollm2_shakespeare_fed.py --clients 3 --rounds 2 --out "$OUT/fed" \
+   --set local_steps=2 --set eval_max_examples=8 --set mc_items=8
+echo "per-round metrics (held-out ppl, bytes, simulated wall-clock and energy): $OUT/fed/metrics.jsonl"
+
+echo "== 7. The phone kit (aarch64 wheels + setup.sh, installs offline) and the device check =="
 mt device doctor "$OUT/smollm2-bundle" --battery none
 mt device kit "$OUT/smollm2-bundle" --out "$OUT/phone-kit" --python 3.11
 echo "copy $OUT/phone-kit.tar.gz to the phone; README: On an Android phone"
 
-echo "== 7. GGUF -> Hugging Face directory =="
+echo "== 8. GGUF -> Hugging Face directory =="
 mt convert --gguf smollm2-135m --out "$OUT/smollm2-135m-hf"
