@@ -13,13 +13,23 @@ from mobiletune.train.trainer import resolve_data
 from tests.helpers import require_asset
 from tests.tiny import tiny_gpt2_dir
 
-RECIPES = sorted(Path(__file__).parent.parent.glob("recipes/*.py"))
+ALL = sorted(Path(__file__).parent.parent.glob("recipes/*.py"))
+FED = [p for p in ALL if p.stem.endswith("_fed")]  # recipe + fed = FedConfig(...): data per client
+RECIPES = [p for p in ALL if p not in FED]
 
 
 def test_the_recipes_are_all_here():
-    assert {p.stem for p in RECIPES} == {"smollm2_shakespeare_lora", "gemma3_wordnet_lora",
-                                         "gpt2_full", "gpt2_lora", "qwen25_lora",
-                                         "smollm2_shakespeare_side"}
+    assert {p.stem for p in ALL} == {"smollm2_shakespeare_lora", "gemma3_wordnet_lora",
+                                     "gpt2_full", "gpt2_lora", "qwen25_lora",
+                                     "smollm2_shakespeare_side", "smollm2_shakespeare_fed"}
+
+
+@pytest.mark.parametrize("path", FED, ids=lambda p: p.stem)
+def test_federated_recipe_loads_with_its_federation(path):
+    pytest.importorskip("flwr")
+    from mobiletune.fed.recipe import FedConfig, load
+    r, f = load(path)
+    assert isinstance(f, FedConfig) and f.clients >= 1 and r.lora is not None
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)

@@ -6,13 +6,11 @@ when it names one and a ``Recipe`` field otherwise (``--set rounds=3 --set lora.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 
 from mobiletune.errors import MobiletuneError
-from mobiletune.train.recipe import Recipe, apply_overrides, parse_value
+from mobiletune.train.recipe import Recipe, apply_overrides, parse_value, run_recipe_file
 
 PARTITIONS = ("shakespeare-roles", "wordnet-dirichlet")
 
@@ -53,15 +51,7 @@ class FedConfig:
 
 
 def load(path) -> tuple[Recipe, FedConfig]:
-    path = Path(path)
-    if not path.is_file():
-        raise MobiletuneError(f"{path}: no such federated recipe file")
-    spec = importlib.util.spec_from_file_location(f"_mobiletune_fed_{path.stem}", path)
-    mod = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(mod)
-    except MobiletuneError as e:
-        raise MobiletuneError(f"{path}: {e}") from None
+    mod = run_recipe_file(path, "federated recipe")
     r, f = getattr(mod, "recipe", None), getattr(mod, "fed", None)
     if not isinstance(r, Recipe) or not isinstance(f, FedConfig):
         raise MobiletuneError(f"{path}: defines no `recipe = Recipe(...)` and `fed = FedConfig(...)`")

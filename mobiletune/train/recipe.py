@@ -91,17 +91,22 @@ def _to_jsonable(x):
     return x
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def run_recipe_file(path: str | Path, what: str = "recipe"):
+    """The module a recipe file defines (run once); a recipe's own errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise MobiletuneError(f"{path}: no such recipe file")
+        raise MobiletuneError(f"{path}: no such {what} file")
     spec = importlib.util.spec_from_file_location(f"_mobiletune_recipe_{path.stem}", path)
     mod = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(mod)
     except MobiletuneError as e:
         raise MobiletuneError(f"{path}: {e}") from None
-    r = getattr(mod, "recipe", None)
+    return mod
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    r = getattr(run_recipe_file(path), "recipe", None)
     if not isinstance(r, Recipe):
         raise MobiletuneError(f"{path}: defines no `recipe = Recipe(...)`")
     return r
