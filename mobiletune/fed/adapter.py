@@ -1,6 +1,6 @@
 """The wire contract between phone and server: a LoRA adapter as a flat dict of float32
 arrays named as PEFT names them (``base_model.model.<module>.lora_{A,B}.weight``), the names
-a Flower ``ArrayRecord`` carries. numpy only (the phone imports it).
+a Flower ``ArrayRecord`` carries. numpy and the bundle contract only (the phone imports it).
 
 ``validate`` is the server's gate: an update with a missing or extra key, a wrong shape or
 dtype, or a non-finite value is rejected with one reason line and never aggregated.
@@ -12,9 +12,10 @@ import math
 
 import numpy as np
 
+from mobiletune.runtime.bundle import ACC, OPT, TRAINABLE
+
 PREFIX = "base_model.model."
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
-TRAINABLE = "trainable/"          # mobiletune.runtime.bundle.TRAINABLE (state names)
 
 
 class UpdateRejected(ValueError):
@@ -33,7 +34,7 @@ def to_wire(state_or_adapter: dict) -> dict[str, np.ndarray]:
     for k, v in state_or_adapter.items():
         if k.startswith(TRAINABLE):
             k = k[len(TRAINABLE):]
-        elif k.startswith(("acc/", "opt/")) or "/" in k:
+        elif k.startswith((ACC, OPT)) or "/" in k:
             continue
         if k.endswith((A_SUFFIX, B_SUFFIX)):
             out[PREFIX + k] = np.array(v, np.float32)
