@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import runpy
 import sys
 import tempfile
 from pathlib import Path
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     from mobiletune import assets
-    plays = __import__("runpy").run_path(str(RECIPE))["PLAYS"]
+    plays = runpy.run_path(str(RECIPE))["PLAYS"]
     data = [str(assets.text_path(f"shakespeare:{p}")) for p in plays]
     res = {"model": args.model, "steps": args.steps, "lora_steps": args.lora_steps, "stores": {}}
     with tempfile.TemporaryDirectory(prefix="mobiletune-int8-") as tmp:

@@ -50,13 +50,12 @@ def quantize_store(frozen: dict, family: str) -> dict:
     return out
 
 
-def roundtrip(params: dict, family: str, names=None) -> dict:
-    """``params`` with the 2-D tensors among ``names`` (default: all) replaced by the float32
-    weights an int8 store gives back, exactly as the phone widens them."""
-    names = set(params) if names is None else set(names)
+def roundtrip(params: dict, family: str) -> dict:
+    """``params`` with every 2-D tensor replaced by the float32 weights an int8 store gives
+    back, exactly as the phone widens them."""
     out = dict(params)
-    for name in names:
-        w = np.asarray(params[name])
+    for name, w in params.items():
+        w = np.asarray(w)
         if w.ndim == 2:
             q, s = quantize(w, channel_axis(name, family))
             out[name] = q.astype(np.float32) * s
