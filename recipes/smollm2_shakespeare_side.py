@@ -22,6 +22,7 @@ recipe = Recipe(
     data=tuple(f"shakespeare:{p}" for p in PLAYS),
     val_data=("shakespeare:hamlet",),
     seq_len=128,
+    bos_each_example=True,   # every window starts with BOS where the tokenizer has one (Gemma)
     micro_batch=4,
     steps=120,
     lora=None,

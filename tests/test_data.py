@@ -102,6 +102,21 @@ def test_packing_exact_tokens_and_remainder(tmp_path):
     assert out.dropped_tokens == 0
 
 
+def test_bos_each_example_starts_every_window_with_bos(tmp_path):
+    a, b = write(tmp_path, "a.txt", "abcdef"), write(tmp_path, "b.txt", "ghij")
+    cfg = DataConfig(seq_len=3, bos_each_example=True)
+    out = prepare([a, b], ByteTok(adds_bos=True), cfg)
+    stream = [*b"abcdef", 257, *b"ghij"]   # no per-document BOS: 11 tokens -> 3 chunks of 3
+    assert rows(out.train).tolist() == [[256, *stream[i:i + 3]] for i in (0, 3, 6)]
+    assert out.dropped_tokens == 2 and out.train.num_tokens == 9
+    assert (out.train.inputs[:, 0] == 256).all() and out.train.loss_mask.min() == 1
+    # a tokenizer without BOS: the option changes nothing
+    plain = prepare([a, b], ByteTok(), cfg)
+    assert rows(plain.train).tolist() == rows(prepare([a, b], ByteTok(), DataConfig(seq_len=3)).train).tolist()
+    with pytest.raises(DataError, match="bos_each_example"):
+        DataConfig(seq_len=3, bos_each_example=1)
+
+
 def test_unpacked_text_one_document_per_example(tmp_path):
     a, b = write(tmp_path, "a.txt", "abcdef"), write(tmp_path, "b.txt", "gh")
     ds = prepare([a, b], ByteTok(), DataConfig(seq_len=7, pack=False)).train

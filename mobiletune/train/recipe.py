@@ -42,6 +42,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     mask_prompt: bool = True              # JSONL: train on the response only
     truncate: str = "error"               # JSONL records longer than seq_len: error | truncate
+    bos_each_example: bool = False        # packed text: every example starts with BOS (Gemma)
     eval_every: int = 50                  # validation every N steps (0: only at the end)
     eval_batches: int = 8                 # validation batches of micro_batch examples
     checkpoint_every: int = 50
@@ -74,7 +75,8 @@ class Recipe:
         from mobiletune.runtime.data import DataConfig
         return DataConfig(seq_len=self.seq_len, seed=self.seed,
                           val_fraction=0.0 if self.val_data else self.val_fraction,
-                          mask_prompt=self.mask_prompt, truncate=self.truncate)
+                          mask_prompt=self.mask_prompt, truncate=self.truncate,
+                          bos_each_example=self.bos_each_example)
 
     def to_dict(self) -> dict:
         return _to_jsonable(dataclasses.asdict(self))
