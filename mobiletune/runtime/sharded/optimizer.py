@@ -1,7 +1,9 @@
 """The optimizer step of a sharded bundle: the accumulated gradients are divided by the
 token count, clipped by their global norm (a host reduction over every group, as
 ``optax.clip_by_global_norm``), and each group's flat vector goes through its ``opt_*``
-signature (the recipe's optax optimizer, elementwise) in fixed-size chunks."""
+signature (the recipe's optax optimizer, elementwise) in fixed-size chunks. A streamed
+state (``state_store``) releases each group after each pass and each chunk after its call,
+so only one chunk of the vectors is resident."""
 
 from __future__ import annotations
 
@@ -15,23 +17,30 @@ def apply(state: HostState, calls) -> tuple[float, int]:
     """One optimizer step; returns (mean loss of the effective batch, steps taken)."""
     lay = state.manifest.sharded
     denom = np.float32(max(float(state.acc_count), 1.0))
+    release = state.store.release
     for g in state.groups:
         g.acc /= denom
+        release(g.acc)
     if lay.clip_norm is not None:
-        norm = np.float32(np.sqrt(sum(float(np.dot(g.acc, g.acc)) for g in state.groups)))
+        sq = []
+        for g in state.groups:
+            sq.append(float(np.dot(g.acc, g.acc)))
+            release(g.acc)
+        norm = np.float32(np.sqrt(sum(sq)))
         if not norm < lay.clip_norm:  # optax.clip_by_global_norm: t / norm * max_norm
             for g in state.groups:
                 g.acc /= norm
                 g.acc *= np.float32(lay.clip_norm)
+                release(g.acc)
     for g in state.groups:
-        _group(g, lay.opt_chunk, calls)
+        _group(g, lay.opt_chunk, calls, release)
     loss = float(state.acc_nll / denom)
     state.step[...] += 1
     state.zero_accumulators()
     return loss, int(state.step)
 
 
-def _group(g: GroupState, c: int, calls) -> None:
+def _group(g: GroupState, c: int, calls, release) -> None:
     """The group's vector chunk by chunk; the scalar leaves (optax's ``count``) go in
     unchanged for every chunk and are taken from the first chunk's outputs."""
     vec = {n for n, a in g.opt.items() if a.ndim == 1}
@@ -54,6 +63,7 @@ def _group(g: GroupState, c: int, calls) -> None:
         g.p[o:o + n] = out["p"][:n]
         for name in vec:
             g.opt[name][o:o + n] = out[B.S + name][:n]
+        release(*(a[o:o + n] for a in (g.p, g.acc, *(g.opt[name] for name in vec))))
         if new_scalars is None:
             new_scalars = {name: out[B.S + name] for name in scalars}
     for name, v in (new_scalars or {}).items():
