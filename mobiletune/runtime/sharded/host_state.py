@@ -109,10 +109,3 @@ class HostState:
         """Drop the pages of these trainable tensors and their gradients."""
         self.store.release(*(a for n in names if n in self.tensor
                              for a in (self.tensor[n], self.grad[n])))
-
-    def zero_accumulators(self) -> None:
-        for g in self.groups:
-            g.acc[...] = 0
-            self.store.release(g.acc)
-        self.acc_nll[...] = 0
-        self.acc_count[...] = 0

@@ -14,34 +14,35 @@ from mobiletune.runtime.sharded.host_state import GroupState, HostState
 
 
 def apply(state: HostState, calls) -> tuple[float, int]:
-    """One optimizer step; returns (mean loss of the effective batch, steps taken)."""
+    """One optimizer step; returns (mean loss of the effective batch, steps taken). Two
+    passes over the gradients: the mean (and its squared norm, when clipping), then the
+    chunks (clipped, updated, zeroed)."""
     lay = state.manifest.sharded
     denom = np.float32(max(float(state.acc_count), 1.0))
     release = state.store.release
+    sq = []
     for g in state.groups:
         g.acc /= denom
-        release(g.acc)
-    if lay.clip_norm is not None:
-        sq = []
-        for g in state.groups:
+        if lay.clip_norm is not None:
             sq.append(float(np.dot(g.acc, g.acc)))
-            release(g.acc)
+        release(g.acc)
+    clip = None
+    if lay.clip_norm is not None:
         norm = np.float32(np.sqrt(sum(sq)))
         if not norm < lay.clip_norm:  # optax.clip_by_global_norm: t / norm * max_norm
-            for g in state.groups:
-                g.acc /= norm
-                g.acc *= np.float32(lay.clip_norm)
-                release(g.acc)
+            clip = (norm, np.float32(lay.clip_norm))
     for g in state.groups:
-        _group(g, lay.opt_chunk, calls, release)
+        _group(g, lay.opt_chunk, calls, clip, release)
     loss = float(state.acc_nll / denom)
     state.step[...] += 1
-    state.zero_accumulators()
+    state.acc_nll[...] = 0
+    state.acc_count[...] = 0
     return loss, int(state.step)
 
 
-def _group(g: GroupState, c: int, calls, release) -> None:
-    """The group's vector chunk by chunk; the scalar leaves (optax's ``count``) go in
+def _group(g: GroupState, c: int, calls, clip, release) -> None:
+    """The group's vector chunk by chunk (its gradients clipped by ``clip`` = (norm,
+    max_norm) first, and zeroed once used); the scalar leaves (optax's ``count``) go in
     unchanged for every chunk and are taken from the first chunk's outputs."""
     vec = {n for n, a in g.opt.items() if a.ndim == 1}
     scalars = {n: a.copy() for n, a in g.opt.items() if n not in vec}
@@ -49,6 +50,9 @@ def _group(g: GroupState, c: int, calls, release) -> None:
     pad = np.zeros(c, np.float32)
     for o in range(0, g.size, c):
         n = min(c, g.size - o)
+        if clip is not None:
+            g.acc[o:o + n] /= clip[0]
+            g.acc[o:o + n] *= clip[1]
 
         def chunk(a):
             if n == c:
@@ -63,6 +67,7 @@ def _group(g: GroupState, c: int, calls, release) -> None:
         g.p[o:o + n] = out["p"][:n]
         for name in vec:
             g.opt[name][o:o + n] = out[B.S + name][:n]
+        g.acc[o:o + n] = 0
         release(*(a[o:o + n] for a in (g.p, g.acc, *(g.opt[name] for name in vec))))
         if new_scalars is None:
             new_scalars = {name: out[B.S + name] for name in scalars}
