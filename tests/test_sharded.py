@@ -329,7 +329,11 @@ def test_streamed_state_equals_the_in_ram_state_bit_for_bit(sharded_runs, tmp_pa
     memory-mapped state store: every step's loss and the final state equal the in-RAM
     run's (the fixture's) bit for bit."""
     from mobiletune.runtime.device_trainer import DeviceTrainer
+    from mobiletune.runtime.sharded.host_state import HostState
     d, _, bundle, dev = sharded_runs("gemma3-full")
+    m = read_manifest(bundle)
+    assert not HostState(m, tmp_path / "a").store.streamed   # the rule: a tiny state in RAM,
+    assert HostState(m, tmp_path / "b", memory_budget_mb=0.01).store.streamed  # > budget/2
     out = tmp_path / "streamed"
     t = DeviceTrainer.open(bundle, [d.parent / "data.txt"], out, battery="none",
                            state_store="disk", checkpoint_every=5)
