@@ -9,8 +9,10 @@
   dh = norm_bwd(h_L, dhn); dh, dW_i = block_bwd(h_i, dh, W_i)   (recomputes the block)
   [embedding gradient: a host scatter-add, when the embedding trains]
 
-Memory: the trainable state, the boundary activations (one (B, T, D) per layer), one
-layer's widened weights (or one vocabulary chunk of the head) and the interpreter's arenas;
+Memory: the trainable state (or, streamed through ``state_store``, the shard in use: a
+layer's tensors and gradients are released once its signature has run), the boundary
+activations (one (B, T, D) per layer), one layer's widened weights (or one vocabulary
+chunk of the head) and the interpreter's arenas;
 ``memory_budget_mb`` lets widened weights stay between the passes (``weights.LayerCache``).
 It is a ``runtime.runner.Runner``; open it with ``runtime.runner.open_bundle``.
 """

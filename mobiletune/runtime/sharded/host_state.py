@@ -46,9 +46,6 @@ class GroupState:
         self.opt = {leaf.name: store.alloc(s, d)
                     for leaf, (s, d) in zip(lay.opt_leaves[g.optimizer], leaves)}
 
-    def vectors(self) -> list[np.ndarray]:
-        return [self.p, self.acc, *self.opt.values()]
-
 
 class HostState:
     def __init__(self, manifest: B.Manifest, store_dir=None, store: str = "auto",
