@@ -13,7 +13,13 @@ Systems, each in its own fresh process (see ``common.run``):
                       ``tokens``). Models the monolithic export refuses (> 150M params, or
                       > 20M trainable) are recorded as "does not fit".
   ``device-sharded``  the same with ``export --sharded``; "not available" while
-                      ``python -m export --help`` does not offer ``--sharded``.
+                      ``python -m export --help`` does not offer ``--sharded``. The
+                      trainable state goes where ``--state-store auto`` puts it: a full
+                      fine-tune of a real model streams it through the memory-mapped store.
+  ``device-sharded-ram``  the same bundle trained with ``--state-store ram`` (the whole
+                      trainable state in RAM, as before the streamed store): full
+                      fine-tuning workloads only, for the memory and speed of both side by
+                      side ("n/a" on LoRA workloads, whose state is in RAM either way).
 
 Figures per (workload, system): s/step (median of ``--steps`` steps after one warm-up step),
 tokens/s, peak RSS of the system's process (``wait4`` on that child), and for the device
@@ -54,8 +60,8 @@ import common
 import peak as peak_probe
 import report
 
-SYSTEMS = ("jax", "torch", "device", "device-sharded")
-DEVICE_SYSTEMS = ("device", "device-sharded")
+SYSTEMS = ("jax", "torch", "device", "device-sharded", "device-sharded-ram")
+DEVICE_SYSTEMS = ("device", "device-sharded", "device-sharded-ram")
 TINY = "tiny-gpt2"  # built at run time (tests/tiny.py): GPT-2 layout d48 L2, GPT-2 vocabulary
 
 
@@ -137,28 +143,34 @@ def run_desktop(system: str, w: Workload, steps: int, threads: int) -> dict:
 
 
 def run_device(system: str, w: Workload, steps: int, threads: int, tmp: Path, data: Path) -> dict:
-    """Export the bundle, then train it with the phone's trainer for 1 + ``steps`` steps."""
+    """Export the bundle (the sharded systems share one), then train it with the phone's
+    trainer for 1 + ``steps`` steps."""
     recipe = tmp / f"{w.name}.py"
     lo = "None" if w.lora is None else (
         f"LoraConfig(r={w.lora['r']}, alpha={w.lora['alpha']}, target_modules="
         f"{tuple(w.lora['targets']) if w.lora['targets'] else None!r})")
     recipe.write_text(RECIPE.format(name=f"bench-{w.name}", model=w.model, seq=w.seq,
                                     batch=w.batch, steps=steps + 1, lora=lo))
-    bundle, out = tmp / f"{w.name}-{system}", tmp / f"{w.name}-{system}-run"
-    cmd = [sys.executable, "-m", "export", recipe, "--out", bundle, "--variants", str(w.batch),
-           "--no-verify"] + (["--sharded"] if system == "device-sharded" else [])
-    ex = common.run(cmd, threads)
-    if ex.rc:
-        fits = "too large" not in ex.stderr
-        return {"status": "failed" if fits else "does not fit", "stage": "export",
-                "reason": ex.error()}
+    sharded = system.startswith("device-sharded")
+    bundle = tmp / f"{w.name}-{'device-sharded' if sharded else system}"
+    out = tmp / f"{w.name}-{system}-run"
+    if not (bundle / "report.json").is_file():
+        cmd = [sys.executable, "-m", "export", recipe, "--out", bundle, "--variants",
+               str(w.batch), "--no-verify"] + (["--sharded"] if sharded else [])
+        ex = common.run(cmd, threads)
+        if ex.rc:
+            fits = "too large" not in ex.stderr
+            return {"status": "failed" if fits else "does not fit", "stage": "export",
+                    "reason": ex.error()}
     rep = json.loads((bundle / "report.json").read_text())
     export = {k: rep.get(k) for k in ("bundle_bytes", "needed_bytes", "export_seconds",
                                       "convert_seconds", "peak_rss_mb", "params",
                                       "trainable_params")}
     tr = common.run([sys.executable, "-m", "mobiletune.runtime", "train", bundle, "--data", data,
                      "--out", out, "--steps", steps + 1, "--battery", "none", "--threads",
-                     threads, "--checkpoint-every", 10 ** 6], threads)
+                     threads, "--checkpoint-every", 10 ** 6]
+                    + (["--state-store", "ram"] if system == "device-sharded-ram" else []),
+                    threads)
     if tr.rc:
         return {"status": "failed", "stage": "train", "reason": tr.error(), "export": export}
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -216,7 +228,7 @@ def main(argv=None) -> int:
     date = time.strftime("%Y-%m-%d")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sharded = "device-sharded" in systems and sharded_available()
+    sharded = any(s.startswith("device-sharded") for s in systems) and sharded_available()
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -247,9 +259,11 @@ def main(argv=None) -> int:
                 "flops_per_token": flops_per_token(w.model, w.lora is not None), "systems": {}}
             for s in systems:
                 t0 = time.perf_counter()
-                if s == "device-sharded" and not sharded:
+                if s.startswith("device-sharded") and not sharded:
                     r = {"status": "not available",
                          "reason": "python -m export has no --sharded option yet"}
+                elif s == "device-sharded-ram" and w.lora is not None:
+                    r = {"status": "n/a", "reason": "a LoRA state is in RAM either way"}
                 elif s in DEVICE_SYSTEMS:
                     r = run_device(s, w, steps, args.threads, tmp, data)
                 else:

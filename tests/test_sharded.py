@@ -324,6 +324,46 @@ def test_kill_nine_then_resume_equals_uninterrupted(sharded_runs, tmp_path):
     assert losses(ref) == losses(out)
 
 
+def test_streamed_state_equals_the_in_ram_state_bit_for_bit(sharded_runs, tmp_path):
+    """A full fine-tune with its parameters, gradients and moments streamed through the
+    memory-mapped state store: every step's loss and the final state equal the in-RAM
+    run's (the fixture's) bit for bit."""
+    from mobiletune.runtime.device_trainer import DeviceTrainer
+    from mobiletune.runtime.sharded.host_state import HostState
+    d, _, bundle, dev = sharded_runs("gemma3-full")
+    m = read_manifest(bundle)
+    assert not HostState(m, tmp_path / "a").store.streamed   # the rule: a tiny state in RAM,
+    assert HostState(m, tmp_path / "b", memory_budget_mb=0.01).store.streamed  # > budget/2
+    out = tmp_path / "streamed"
+    t = DeviceTrainer.open(bundle, [d.parent / "data.txt"], out, battery="none",
+                           state_store="disk", checkpoint_every=5)
+    assert t.runner.state.store.streamed
+    assert t.run(10).finished
+    a, b = st.load(dev / "state.safetensors"), st.load(out / "state.safetensors")
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert losses(dev) == losses(out)
+
+
+def test_kill_nine_then_resume_with_the_streamed_state(sharded_runs, tmp_path):
+    """kill -9 of a full fine-tune whose state streams through the store file (killed at
+    two moments, checkpoints every step), then ``--resume``: the state and every loss
+    equal the uninterrupted in-RAM run's bit for bit."""
+    d, _, bundle, dev = sharded_runs("gemma3-full")
+    data = d.parent / "data.txt"
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mobiletune.runtime", "train", str(bundle), "--data", str(data),
+           "--out", str(out), "--battery", "none", "--checkpoint-every", "1",
+           "--state-store", "disk"]
+    kill_after_steps(lambda resume: subprocess.Popen(
+        cmd + (["--resume"] if resume else []), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL), out, (3, 7))
+    assert device_train(bundle, [data], out, battery="none", resume=True,
+                        state_store="disk").finished
+    a, b = st.load(dev / "state.safetensors"), st.load(out / "state.safetensors")
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert losses(dev) == losses(out)
+
+
 def test_tokens_outside_the_models_vocabulary_are_refused(tmp_path):
     """A bundle whose tokenizer (GPT-2's, 50,257) outgrows the model (vocabulary 107):
     one clear error before training, not an index error deep in a step."""

@@ -87,6 +87,46 @@ def load(path: str | Path, names=None, mmap: bool = True) -> dict[str, np.ndarra
     return out
 
 
+def shapes(path: str | Path) -> dict[str, tuple[tuple, np.dtype]]:
+    """name -> (shape, dtype) of a safetensors file's tensors, from its header alone."""
+    header, _, _ = read_header(path)
+    out = {}
+    for name, e in header.items():
+        dt = DTYPES.get(e["dtype"])
+        if dt is None:
+            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {e['dtype']}")
+        shape = tuple(e["shape"])
+        b, en = e["data_offsets"]
+        if en - b != int(np.prod(shape)) * np.dtype(dt).itemsize:
+            raise SafetensorsError(f"{path}: tensor {name!r}: {en - b} bytes do not hold "
+                                   f"shape {shape} of {e['dtype']}")
+        out[name] = (shape, np.dtype(dt))
+    return out
+
+
+def read_into(path: str | Path, out: dict[str, np.ndarray], after=None) -> None:
+    """Read tensors of a safetensors file straight into the C-contiguous arrays ``out``
+    (name -> array of the file's dtype and shape), one at a time, calling ``after(array)``
+    once each is filled: no copy of the file is held."""
+    path = Path(path)
+    header, _, start = read_header(path)
+    with open(path, "rb") as f:
+        for name, a in out.items():
+            e = header.get(name)
+            if e is None:
+                raise SafetensorsError(f"{path}: missing tensor {name!r}")
+            b, en = e["data_offsets"]
+            if (e["dtype"] != _NAMES.get(a.dtype) or tuple(e["shape"]) != a.shape
+                    or en - b != a.nbytes):
+                raise SafetensorsError(f"{path}: tensor {name!r} is {e['dtype']}{e['shape']}, "
+                                       f"expected {a.dtype}{list(a.shape)}")
+            f.seek(start + b)
+            if a.nbytes and f.readinto(memoryview(a.reshape(-1)).cast("B")) != a.nbytes:
+                raise SafetensorsError(f"{path}: truncated in tensor {name!r}")
+            if after is not None:
+                after(a)
+
+
 def _encode(tensors: dict, meta: dict | None, dtype, source) -> tuple[bytes, list]:
     """(length-prefixed JSON header, the arrays in data order) of a safetensors file."""
     header, offset, arrays = {}, 0, []
@@ -108,21 +148,26 @@ def _encode(tensors: dict, meta: dict | None, dtype, source) -> tuple[bytes, lis
     return struct.pack("<Q", len(blob)) + blob, arrays
 
 
-def _write(f, head: bytes, arrays: list) -> None:
+def _write(f, head: bytes, arrays: list, after=None) -> None:
     f.write(head)
     for a in arrays:
+        src = a
         if isinstance(a, _Cast):
-            a = a.src.astype(a.dtype)
+            src, a = a.src, a.src.astype(a.dtype)
         f.write(a.tobytes(order="C") if a.ndim == 0 else memoryview(a.reshape(-1)).cast("B"))
+        if after is not None:
+            after(src)
 
 
 def save(path: str | Path, tensors: dict[str, np.ndarray], meta: dict | None = None,
-         dtype=None) -> None:
+         dtype=None, after=None) -> None:
     """Write tensors atomically: a crash leaves either the old file or the new one.
-    ``dtype`` casts every tensor as it is written (one tensor's copy at a time)."""
+    ``dtype`` casts every tensor as it is written (one tensor's copy at a time);
+    ``after(array)`` is called once each tensor is written (a streamed state drops its
+    pages)."""
     head, arrays = _encode(tensors, meta, dtype, Path(path))
     with atomic_writer(path) as f:
-        _write(f, head, arrays)
+        _write(f, head, arrays, after)
 
 
 def dumps(tensors: dict[str, np.ndarray], meta: dict | None = None) -> bytes:

@@ -50,6 +50,12 @@ def build_parser(prog: str = "python -m mobiletune.runtime") -> argparse.Argumen
                    help="sharded bundles: memory this process may use; the headroom left "
                         "after the first micro-batch keeps layer weights between the forward "
                         "and backward passes instead of re-reading them (default: keep none)")
+    p.add_argument("--state-store", choices=("auto", "ram", "disk"), default="auto",
+                   help="sharded bundles: keep the trainable state (parameters, gradients, "
+                        "optimizer moments) in RAM or stream it shard by shard through a "
+                        "memory-mapped file under --out; auto: the file when the state needs "
+                        "more than half of --memory-budget-mb, or more than 256 MB without a "
+                        "budget (a full fine-tune; LoRA stays in RAM)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("generate", help="generate with the bundle's weights (KV cache)",
@@ -123,7 +129,7 @@ def cmd_train(args) -> int:
     r = device_train(args.bundle, args.data, args.out, steps=args.steps, battery=args.battery,
                      threads=args.threads, resume=args.resume, thresholds=th,
                      checkpoint_every=args.checkpoint_every,
-                     memory_budget_mb=args.memory_budget_mb)
+                     memory_budget_mb=args.memory_budget_mb, state_store=args.state_store)
     if r.finished:
         print(f"done: {r.step} steps; peak RSS {peak_rss_mb():.0f} MB; outputs in {r.out}")
         return EXIT_OK

@@ -146,20 +146,24 @@ class DeviceTrainer:
 
     @classmethod
     def open(cls, bundle, data_paths, out, *, threads: int | None = None,
-             memory_budget_mb: float | None = None, **kw) -> "DeviceTrainer":
-        runner = open_bundle(bundle, threads=threads, memory_budget_mb=memory_budget_mb)
+             memory_budget_mb: float | None = None, state_store: str = "auto",
+             **kw) -> "DeviceTrainer":
+        """``state_store``: where a sharded bundle's trainable state lives (auto | ram |
+        disk: a file under ``out``; ``runtime.sharded.state_store.choose``)."""
+        runner = open_bundle(bundle, threads=threads, memory_budget_mb=memory_budget_mb,
+                             state_dir=out, state_store=state_store)
         tok = Tokenizer.from_dir(bundle)
         return cls(runner, bundle, prepare_data(runner, tok, data_paths), out, **kw)
 
     # --- state ----------------------------------------------------------------------------
     def resume(self) -> int:
         """Continue from the newest complete checkpoint (returns its step; 0 if none)."""
-        got = self.ckpts.latest(expected_names=[s.name for s in self.m.state])
+        got = self.ckpts.newest(expected_names=[s.name for s in self.m.state])
         if got is not None:
-            step, state, meta = got
+            step, path, meta = got
             if meta.get("bundle") != self.bundle_hash:
                 raise MobiletuneError(f"{self.out}: its checkpoints belong to another bundle")
-            self.runner.set_state(state)
+            self.runner.load_state(path)
             self.data = D.BatchIterator.from_state(self.train, min(self.m.variants),
                                                    self.m.data["seed"], meta["data"],
                                                    batch_size=self.m.effective_batch)
@@ -169,7 +173,8 @@ class DeviceTrainer:
 
     def checkpoint(self) -> None:
         self.ckpts.save(self.step, self.runner.get_state(),
-                        {"data": self.data.state(), "bundle": self.bundle_hash})
+                        {"data": self.data.state(), "bundle": self.bundle_hash},
+                        after=self.runner.release)
 
     def write_outputs(self) -> None:
         """PEFT adapter (LoRA) or an HF-layout checkpoint (full FT), plus the full state."""
@@ -288,20 +293,23 @@ def reading_fields(r) -> dict:
 def device_train(bundle, data_paths, out, steps: int | None = None, battery: str = "auto",
                  threads: int | None = None, resume: bool = False, checkpoint_every: int = 10,
                  thresholds=None, poll_s: float = 60.0, stop_after: int | None = None,
-                 clock=None, memory_budget_mb: float | None = None) -> DeviceRun:
+                 clock=None, memory_budget_mb: float | None = None,
+                 state_store: str = "auto") -> DeviceRun:
     """Train a bundle on local data (``mobiletune device train``; same defaults).
     ``battery``: auto | sysfs | termux | trace:FILE | none; a trace is replayed on a
     simulated clock (``clock``, default ``SimClock``) advanced by each step's measured
     compute time and the throttle's sleeps, so nothing waits. ``thresholds`` override the
-    bundle's (a ``Thresholds`` or a dict of its fields)."""
+    bundle's (a ``Thresholds`` or a dict of its fields). ``state_store``: auto | ram | disk,
+    where a sharded bundle's trainable state lives (``runtime.sharded.state_store``)."""
     out = Path(out)
     t = DeviceTrainer.open(bundle, data_paths, out, threads=threads,
-                           memory_budget_mb=memory_budget_mb, battery=battery,
+                           memory_budget_mb=memory_budget_mb, state_store=state_store,
+                           battery=battery,
                            thresholds=thresholds, checkpoint_every=checkpoint_every,
                            poll_s=poll_s, clock=clock)
     if resume:
         t.resume()
-    elif t.ckpts.latest() is not None:
+    elif t.ckpts.newest() is not None:
         raise MobiletuneError(f"{out}: has checkpoints from an earlier run; pass --resume")
     return t.run(steps or t.m.steps, stop_after=stop_after)
 
@@ -310,13 +318,14 @@ def write_outputs(runner, out: Path) -> None:
     """PEFT adapter (LoRA) or an HF-layout checkpoint (full FT), plus the full state."""
     m = runner.manifest
     state = runner.get_state()
-    st.save(out / B.STATE, state)
+    st.save(out / B.STATE, state, after=runner.release)
     trainable = B.trainable_part(state)
     if m.lora is not None:
         peft_io.write_adapter(out / "adapter", trainable, m.lora, m.model["family"],
                               base_model=m.base_model)
     else:
-        st.save(out / "model" / "model.safetensors", trainable, meta={"format": "pt"})
+        st.save(out / "model" / "model.safetensors", trainable, meta={"format": "pt"},
+                after=runner.release)
         atomic.write_text(out / "model" / "config.json", json.dumps(m.hf_config, indent=2) + "\n")
 
 

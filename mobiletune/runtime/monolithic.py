@@ -42,6 +42,12 @@ class MonolithicRunner:
         self._run(B.SET_STATE, {B.input_name(k): np.asarray(v, order="C")
                                 for k, v in state.items()})
 
+    def load_state(self, path, zeros_for_missing: bool = False) -> None:
+        self.set_state(load_tensors(path), zeros_for_missing)
+
+    def release(self, *arrays) -> None:
+        pass  # get_state's arrays are copies
+
     @staticmethod
     def _batch(batch: dict) -> dict:
         return {"inputs": np.asarray(batch["inputs"], np.int32),

@@ -36,6 +36,14 @@ class Runner(Protocol):
     def set_state(self, state: dict, zeros_for_missing: bool = False) -> None:
         """Load a whole state; ``zeros_for_missing`` fills tensors the dict leaves out."""
 
+    def load_state(self, path, zeros_for_missing: bool = False) -> None:
+        """``set_state`` from a safetensors file (a streamed sharded state reads it tensor
+        by tensor into its store; nothing else holds a copy)."""
+
+    def release(self, *arrays) -> None:
+        """``get_state`` arrays already written out may leave the resident set (a streamed
+        sharded state drops their pages; a no-op elsewhere)."""
+
     def accumulate(self, batch: dict) -> tuple[float, float]:
         """Add one micro-batch's summed-NLL gradients: (summed NLL, counted tokens)."""
 
@@ -76,10 +84,13 @@ def check_position(m: Manifest, pos: int) -> None:
 
 
 def open_bundle(bundle_dir, threads: int | None = None, state: dict | None = None,
-                verify: bool = True, memory_budget_mb: float | None = None) -> Runner:
+                verify: bool = True, memory_budget_mb: float | None = None,
+                state_dir=None, state_store: str = "auto") -> Runner:
     """Validate the manifest (and, with ``verify``, every file's size and sha256), load the
     program into LiteRT, check its signatures against the manifest, and load the initial
-    state (or ``state``). ``memory_budget_mb`` applies to sharded bundles."""
+    state (or ``state``). ``memory_budget_mb``, ``state_dir`` and ``state_store`` apply to
+    sharded bundles: the trainable state streams from a file under ``state_dir`` when
+    ``runtime.sharded.state_store.choose`` says so."""
     from mobiletune.runtime.litert import LiteRTCalls
     d = Path(bundle_dir)
     m = read_manifest(d)
@@ -91,12 +102,15 @@ def open_bundle(bundle_dir, threads: int | None = None, state: dict | None = Non
     calls = LiteRTCalls.open(d / PROGRAM, m, threads)
     if m.sharded is not None:
         from mobiletune.runtime.sharded import ShardedRunner
-        r = ShardedRunner(d, m, calls, memory_budget_mb)
+        r = ShardedRunner(d, m, calls, memory_budget_mb, state_dir, state_store)
     else:
         from mobiletune.runtime.monolithic import MonolithicRunner
         r = MonolithicRunner(d, m, calls)
     if state is None:
-        r.set_state(load_tensors(d / STATE), zeros_for_missing=True)
+        try:
+            r.load_state(d / STATE, zeros_for_missing=True)
+        except st.SafetensorsError as e:
+            raise BundleError(str(e)) from None
     else:
         r.set_state(state)
     return r
@@ -113,9 +127,9 @@ def check_state(m: Manifest, state: dict, zeros_for_missing: bool = False) -> di
     """``state`` completed (zeros where allowed) and checked against the manifest: every
     tensor present, none extra, each with the manifest's shape and dtype."""
     specs = {s.name: s for s in m.state}
-    if zeros_for_missing:
-        state = {**{n: np.zeros(s.shape, s.dtype) for n, s in specs.items() if n not in state},
-                 **state}
+    if zeros_for_missing:  # read-only zeros that take no memory (a full FT's moments)
+        state = {**{n: np.broadcast_to(np.zeros((), s.dtype), s.shape) for n, s in specs.items()
+                    if n not in state}, **state}
     missing = sorted(set(specs) - set(state))
     if missing:
         raise BundleError(f"state lacks tensor {missing[0]!r} (and {len(missing) - 1} more)")

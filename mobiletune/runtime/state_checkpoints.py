@@ -37,27 +37,37 @@ class Checkpoints:
     def path(self, step: int) -> Path:
         return self.dir / f"step-{step:07d}"
 
-    def save(self, step: int, state: dict, meta: dict) -> Path:
+    def save(self, step: int, state: dict, meta: dict, after=None) -> Path:
+        """``after(array)``: called once each tensor is written (``st.save``)."""
         final = self.path(step)
         tmp = atomic.staging_dir(final)
-        st.save(tmp / STATE, state)
+        st.save(tmp / STATE, state, after=after)
         atomic.write_text(tmp / META, json.dumps({**meta, "step": step}, indent=1) + "\n")
         atomic.replace_dir(tmp, final)
         for old in self._steps()[:-self.keep]:
             shutil.rmtree(self.path(old), ignore_errors=True)
         return final
 
-    def latest(self, expected_names=None):
-        """(step, state, meta) of the newest complete checkpoint, or None."""
+    def newest(self, expected_names=None):
+        """(step, path of its state file, meta) of the newest complete checkpoint (its
+        header read and its tensors' extents checked against the file's size), or None."""
         for step in reversed(self._steps()):
             p = self.path(step)
             try:
                 meta = json.loads((p / META).read_text(encoding="utf-8"))
-                state = st.load(p / STATE, mmap=False)
-                if expected_names is not None and set(state) != set(expected_names):
-                    raise ValueError(f"holds {len(state)} tensors, the bundle's state has "
+                names = st.shapes(p / STATE)
+                if expected_names is not None and set(names) != set(expected_names):
+                    raise ValueError(f"holds {len(names)} tensors, the bundle's state has "
                                      f"{len(set(expected_names))}")
-                return step, state, meta
+                return step, p / STATE, meta
             except (OSError, ValueError, st.SafetensorsError) as e:
                 self.log(f"checkpoint {p} is damaged ({e}); falling back to the previous one")
         return None
+
+    def latest(self, expected_names=None):
+        """(step, state, meta) of the newest complete checkpoint, or None."""
+        got = self.newest(expected_names)
+        if got is None:
+            return None
+        step, path, meta = got
+        return step, st.load(path, mmap=False), meta

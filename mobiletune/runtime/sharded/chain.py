@@ -9,8 +9,10 @@
   dh = norm_bwd(h_L, dhn); dh, dW_i = block_bwd(h_i, dh, W_i)   (recomputes the block)
   [embedding gradient: a host scatter-add, when the embedding trains]
 
-Memory: the trainable state, the boundary activations (one (B, T, D) per layer), one
-layer's widened weights (or one vocabulary chunk of the head) and the interpreter's arenas;
+Memory: the trainable state (or, streamed through ``state_store``, the shard in use: a
+layer's tensors and gradients are released once its signature has run), the boundary
+activations (one (B, T, D) per layer), one layer's widened weights (or one vocabulary
+chunk of the head) and the interpreter's arenas;
 ``memory_budget_mb`` lets widened weights stay between the passes (``weights.LayerCache``).
 It is a ``runtime.runner.Runner``; open it with ``runtime.runner.open_bundle``.
 """
@@ -30,12 +32,13 @@ from mobiletune.runtime.sharded.weights import LayerCache, WeightStore
 
 
 class ShardedRunner:
-    def __init__(self, bundle_dir: Path, manifest: B.Manifest, calls, memory_budget_mb=None):
+    def __init__(self, bundle_dir: Path, manifest: B.Manifest, calls, memory_budget_mb=None,
+                 state_dir=None, state_store: str = "auto"):
         self.dir, self.manifest, self.call = Path(bundle_dir), manifest, calls
         self.lay = manifest.sharded
         self.store = WeightStore(self.dir / B.WEIGHTS)
         self.cache = LayerCache(self.store, memory_budget_mb)
-        self.state = HostState(manifest)
+        self.state = HostState(manifest, state_dir, state_store, memory_budget_mb)
         self.vocab = int(manifest.model["vocab_size"])
         self.softcap = manifest.model.get("final_logit_softcapping")
         self._decoder = None
@@ -47,6 +50,13 @@ class ShardedRunner:
     def set_state(self, state: dict, zeros_for_missing: bool = False) -> None:
         self.state.set_state(state, zeros_for_missing)
         self._decoder = None                     # its pinned weights are the old state's
+
+    def load_state(self, path, zeros_for_missing: bool = False) -> None:
+        self.state.load(path, zeros_for_missing)
+        self._decoder = None
+
+    def release(self, *arrays) -> None:
+        self.state.store.release(*arrays)
 
     @property
     def grad(self) -> dict:
@@ -105,6 +115,7 @@ class ShardedRunner:
         hs = [self._embed(ids)]
         for i, ly in enumerate(self.lay.layers):
             hs.append(self.call(B.block_fwd_sig(ly.kind, k), {"h": hs[-1], **self._layer_inputs(i)})["h"])
+            self._done(i)
         return hs
 
     def embed(self, ids) -> np.ndarray:
@@ -128,6 +139,12 @@ class ShardedRunner:
     def weight(self, name: str) -> np.ndarray:
         return self.state.tensor.get(name) if name in self.state.tensor else self.cache.get(name)
 
+    def _done(self, i: int) -> None:
+        """Layer ``i``'s trainable tensors and gradients leave the resident set (a streamed
+        state; a no-op in RAM)."""
+        ly = self.lay.layers[i]
+        self.state.release_tensors(ly.prefix + r for r in self.lay.kinds[ly.kind].trainable)
+
     def _layer_inputs(self, i: int) -> dict:
         ly = self.lay.layers[i]
         kind = self.lay.kinds[ly.kind]
@@ -141,7 +158,11 @@ class ShardedRunner:
     def _rows(self, name: str, ids) -> np.ndarray:
         """rows[ids] of a 2-D tensor, from the trainable state or the store."""
         t = self.state.tensor
-        return t[name][ids] if name in t else self.store.gather_rows(name, ids)
+        if name not in t:
+            return self.store.gather_rows(name, ids)
+        rows = t[name][ids]
+        self.state.release_tensors([name])
+        return rows
 
     def _embed(self, ids) -> np.ndarray:
         h = self._rows(self.lay.embed, ids)
@@ -174,6 +195,7 @@ class ShardedRunner:
             n = min(vc, v - c0)
             if name in t:
                 buf[:n] = t[name][c0:c0 + n]
+                self.release(t[name][c0:c0 + n])
             else:
                 self.store.get(name, c0, c0 + n, out=buf)
             if n < vc:  # the last, partial chunk
@@ -188,6 +210,7 @@ class ShardedRunner:
         hs = self.hidden_states(batch["inputs"])
         norm = {B.W + n: self.weight(n) for n in self.lay.norm}
         hn = self.call(B.norm_fwd_sig(k), {"h": hs[-1], **norm})["hn"]
+        self.state.release_tensors(self.lay.norm)
         return hs, hn, norm
 
     def _head(self, k, hn, targets, grads: bool):
@@ -233,14 +256,17 @@ class ShardedRunner:
                                                     "labels": (targets - c0).astype(np.int32),
                                                     "lse": lse, "mask": mask})["g"]
                 grad[head][c0:c0 + n] += g[:n]
+                self.release(grad[head][c0:c0 + n])
         out = self.call(B.norm_bwd_sig(k), {"h": hs[-1], "dhn": dhn, **norm})
         self._add_grads("", out)
+        self.state.release_tensors(self.lay.norm)
         dh = out["dh"]
         for i in reversed(range(len(self.lay.layers))):
             ly = self.lay.layers[i]
             out = self.call(B.block_bwd_sig(ly.kind, k), {"h": hs[i], "dh": dh,
                                                            **self._layer_inputs(i)})
             self._add_grads(ly.prefix, out)
+            self._done(i)
             dh = out["dh"]
         emb, pos = self.lay.embed, self.lay.positions
         if emb in grad or pos in grad:
@@ -250,6 +276,7 @@ class ShardedRunner:
                 np.add.at(grad[emb], ids.reshape(-1), dh.reshape(-1, dh.shape[-1]))
             if pos in grad:
                 grad[pos][: ids.shape[1]] += dh.sum(0)
+            self.state.release_tensors([emb, pos])
         return nll, count
 
     def _add_grads(self, prefix: str, out: dict) -> None:

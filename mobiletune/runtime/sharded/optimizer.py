@@ -1,7 +1,9 @@
 """The optimizer step of a sharded bundle: the accumulated gradients are divided by the
 token count, clipped by their global norm (a host reduction over every group, as
 ``optax.clip_by_global_norm``), and each group's flat vector goes through its ``opt_*``
-signature (the recipe's optax optimizer, elementwise) in fixed-size chunks."""
+signature (the recipe's optax optimizer, elementwise) in fixed-size chunks. A streamed
+state (``state_store``) releases each group after each pass and each chunk after its call,
+so only one chunk of the vectors is resident."""
 
 from __future__ import annotations
 
@@ -12,27 +14,35 @@ from mobiletune.runtime.sharded.host_state import GroupState, HostState
 
 
 def apply(state: HostState, calls) -> tuple[float, int]:
-    """One optimizer step; returns (mean loss of the effective batch, steps taken)."""
+    """One optimizer step; returns (mean loss of the effective batch, steps taken). Two
+    passes over the gradients: the mean (and its squared norm, when clipping), then the
+    chunks (clipped, updated, zeroed)."""
     lay = state.manifest.sharded
     denom = np.float32(max(float(state.acc_count), 1.0))
+    release = state.store.release
+    sq = []
     for g in state.groups:
         g.acc /= denom
+        if lay.clip_norm is not None:
+            sq.append(float(np.dot(g.acc, g.acc)))
+        release(g.acc)
+    clip = None
     if lay.clip_norm is not None:
-        norm = np.float32(np.sqrt(sum(float(np.dot(g.acc, g.acc)) for g in state.groups)))
+        norm = np.float32(np.sqrt(sum(sq)))
         if not norm < lay.clip_norm:  # optax.clip_by_global_norm: t / norm * max_norm
-            for g in state.groups:
-                g.acc /= norm
-                g.acc *= np.float32(lay.clip_norm)
+            clip = (norm, np.float32(lay.clip_norm))
     for g in state.groups:
-        _group(g, lay.opt_chunk, calls)
+        _group(g, lay.opt_chunk, calls, clip, release)
     loss = float(state.acc_nll / denom)
     state.step[...] += 1
-    state.zero_accumulators()
+    state.acc_nll[...] = 0
+    state.acc_count[...] = 0
     return loss, int(state.step)
 
 
-def _group(g: GroupState, c: int, calls) -> None:
-    """The group's vector chunk by chunk; the scalar leaves (optax's ``count``) go in
+def _group(g: GroupState, c: int, calls, clip, release) -> None:
+    """The group's vector chunk by chunk (its gradients clipped by ``clip`` = (norm,
+    max_norm) first, and zeroed once used); the scalar leaves (optax's ``count``) go in
     unchanged for every chunk and are taken from the first chunk's outputs."""
     vec = {n for n, a in g.opt.items() if a.ndim == 1}
     scalars = {n: a.copy() for n, a in g.opt.items() if n not in vec}
@@ -40,6 +50,9 @@ def _group(g: GroupState, c: int, calls) -> None:
     pad = np.zeros(c, np.float32)
     for o in range(0, g.size, c):
         n = min(c, g.size - o)
+        if clip is not None:
+            g.acc[o:o + n] /= clip[0]
+            g.acc[o:o + n] *= clip[1]
 
         def chunk(a):
             if n == c:
@@ -54,6 +67,8 @@ def _group(g: GroupState, c: int, calls) -> None:
         g.p[o:o + n] = out["p"][:n]
         for name in vec:
             g.opt[name][o:o + n] = out[B.S + name][:n]
+        g.acc[o:o + n] = 0
+        release(*(a[o:o + n] for a in (g.p, g.acc, *(g.opt[name] for name in vec))))
         if new_scalars is None:
             new_scalars = {name: out[B.S + name] for name in scalars}
     for name, v in (new_scalars or {}).items():
