@@ -135,6 +135,27 @@ class HttpClient:
             self.conn = None
 
 
+class PayloadError(MobiletuneError):
+    """A payload whose tensors are not the ones the contract names (the message says which)."""
+
+
+def check_payload(tensors: dict, want: dict, where: str) -> None:
+    """``PayloadError`` naming the first tensor of ``tensors`` that is missing, not expected,
+    of another dtype or shape than ``want`` (name -> (dtype, shape)), or not finite."""
+    import numpy as np
+    for name in sorted(set(want) | set(tensors)):
+        if name not in tensors or name not in want:
+            raise PayloadError(f"{where}: tensor {name!r} is "
+                               f"{'missing' if name not in tensors else 'not expected'}")
+        dt, shape = want[name]
+        a = tensors[name]
+        if a.dtype != dt or tuple(a.shape) != tuple(shape):
+            raise PayloadError(f"{where}: tensor {name!r} is {a.dtype}{list(a.shape)}, "
+                               f"expected {np.dtype(dt)}{list(shape)}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise PayloadError(f"{where}: tensor {name!r} has non-finite values")
+
+
 def error_text(data: bytes) -> str:
     try:
         return str(json.loads(data).get("error"))
@@ -208,6 +229,9 @@ class JsonHandler(BaseHTTPRequestHandler):
             if e.code >= 400 and e.code != 429:
                 self.log_refusal(f"refused {method} {self.path}: {e.code} {e}")
             self.send(e.code, {"error": str(e), **e.extra}, headers=headers)
+        except Exception as e:  # a server bug is an answer with its reason, not a dropped line
+            self.log_refusal(f"failed {method} {self.path}: {type(e).__name__}: {e}")
+            self.send(500, {"error": f"{type(e).__name__}: {e}"})
 
     def do_GET(self):
         self._handle("GET")

@@ -201,17 +201,10 @@ class SideService:
                 want[name + "scale"] = (np.float32, (k, n))
             else:
                 want[name + "x"] = (np.float32 if p == "fp32" else np.float16, (k, n, width))
-        for name in sorted(set(want) | set(tensors)):
-            if name not in tensors or name not in want:
-                raise Refused(400, f"seq {seq}: tensor {name!r} is "
-                                   f"{'missing' if name not in tensors else 'not expected'}")
-            dt, shape = want[name]
-            a = tensors[name]
-            if a.dtype != dt or a.shape != shape:
-                raise Refused(400, f"seq {seq}: tensor {name!r} is {a.dtype}{list(a.shape)}, "
-                                   f"expected {np.dtype(dt)}{list(shape)}")
-            if a.dtype.kind == "f" and not np.isfinite(a).all():
-                raise Refused(400, f"seq {seq}: tensor {name!r} has non-finite values")
+        try:
+            H.check_payload(tensors, want, f"seq {seq}")
+        except H.PayloadError as e:
+            raise Refused(400, str(e)) from None
         for name in ("inputs", "targets"):
             a = tensors[name]
             if a.min() < 0 or a.max() >= t.cfg.vocab_size:
