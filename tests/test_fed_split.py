@@ -204,3 +204,35 @@ def test_wrong_shaped_payloads_are_refused_naming_the_tensor(ref):
             SP.SplitServer(fed_bundle("sharded"), cut)
     with pytest.raises(MobiletuneError, match="monolithic"):
         client_names(dataclasses.replace(sr.manifest, sharded=None), 1)
+
+
+def test_one_simulated_splitlora_round_on_two_clients(tmp_path):
+    """Flower's simulation engine: 2 phones (Ray actors, LiteRT, HTTP to the ServerApp's
+    cut endpoint on 127.0.0.1) train one round of 2 steps one after the other."""
+    pytest.importorskip("ray")
+    from mobiletune.fed.sim import simulate
+    from tests.fed_helpers import final_adapter, log_rows, make_run
+    run = make_run(tmp_path / "split", "splitlora", clients=2, rounds=1, kind="sharded", cut=CUT)
+    simulate(run, 2)
+    rows = log_rows(run)
+    assert [r["round"] for r in rows] == [0, 1]
+    r1 = rows[1]
+    assert r1["accepted"] == 2 and not r1["rejected"] and not r1["failed"], r1
+    c = r1["clients"]
+    assert all(x["steps"] == 2 and x["cut-bytes-up"] > 0 and x["cut-bytes-down"] > 0 for x in c)
+    # the server's count of the cut traffic equals the phones' (the same bodies)
+    assert r1["cut-bytes-up"] == sum(x["cut-bytes-up"] for x in c)
+    assert r1["cut-bytes-down"] == sum(x["cut-bytes-down"] for x in c)
+    assert r1["bytes-up"] > r1["cut-bytes-up"] and r1["bytes-down"] > r1["cut-bytes-down"]
+    assert r1["round-s"] >= sum(x["round-s"] for x in c)     # one client after the other
+    assert r1["val-loss"] != rows[0]["val-loss"]
+    got = final_adapter(run)
+    runner = open_bundle(fed_bundle("sharded"), threads=1)
+    init = {"base_model.model." + k[len(B.TRAINABLE):]: v for k, v in runner.get_state().items()
+            if k.startswith(B.TRAINABLE)}
+    assert set(got) == set(init)                 # both halves in the final adapter
+    for k in init:                               # every B factor moved, the phones' and the server's
+        if k.endswith("lora_B.weight"):
+            assert np.abs(got[k] - init[k]).max() > 0, k
+    print(f"splitlora round 1: bytes up {r1['bytes-up']} (cut {r1['cut-bytes-up']}), "
+          f"down {r1['bytes-down']} (cut {r1['cut-bytes-down']})")

@@ -17,7 +17,7 @@ PARTITIONS = ("shakespeare-roles", "wordnet-dirichlet")
 
 @dataclass(frozen=True)
 class FedConfig:
-    method: str = "fedavg"              # fedavg | fedprox | fedadam | flexlora | ffa
+    method: str = "fedavg"              # fedavg | fedprox | fedadam | flexlora | ffa | splitlora
     #                                     (baselines: local-only | centralized)
     clients: int = 8
     rounds: int = 5
@@ -38,9 +38,13 @@ class FedConfig:
     mc_items: int = 0                   # WordNet multiple-choice items the server scores
     fraction_evaluate: float = 0.0      # client-side evaluation each round
     eta: float = 0.01                   # FedAdam's server learning rate
+    cut: int | None = None              # SplitLoRA: the phone runs layers < cut (None: half)
+    split_host: str = "127.0.0.1"       # SplitLoRA: where the server's cut endpoint listens
+    split_port: int = 0                 # (0: any free port; the phones get its URL each round)
 
     def __post_init__(self):
-        methods = ("fedavg", "fedprox", "fedadam", "flexlora", "ffa", "local-only", "centralized")
+        methods = ("fedavg", "fedprox", "fedadam", "flexlora", "ffa", "splitlora", "local-only",
+                   "centralized")
         if self.method not in methods:
             raise MobiletuneError(f"fed.method={self.method!r}: expected one of {', '.join(methods)}")
         if self.partition not in PARTITIONS:
