@@ -4,7 +4,7 @@ q/v/down, cut at layer 2 unless said): one split step through LiteRT + JAX gives
 and every LoRA gradient of ``jax.grad`` of the whole model (≤ 1e-5 relative per tensor, to
 its largest |g|); a few steps of two clients on the shared server adapter equal a
 single-process JAX run of the same schedule (≤ 1e-5 absolute); the same step over loopback
-HTTP with token auth; wrong-shaped payloads refused naming the tensor."""
+HTTPS with token auth; wrong-shaped payloads refused naming the tensor."""
 
 import dataclasses
 
@@ -35,7 +35,9 @@ CUT = 2
 
 @pytest.fixture(scope="module")
 def ref():
-    """(steps, initial trainable with random B so every gradient is non-zero, frozen)."""
+    """(steps, initial trainable with random B so every gradient is non-zero, frozen). The
+    sharded bundle is the session's (``fed_helpers.fed_bundle``, shared with test_fed_local)."""
+    fed_bundle("sharded")
     r = fed_recipe(4)
     steps, tr, fr = build_steps(r, load_model(r.model, seed=r.seed))
     rng = np.random.default_rng(7)
@@ -51,18 +53,28 @@ def batch(seed: int, k: int = 2) -> dict:
             "loss_mask": (rng.random((k, SEQ)) > 0.25).astype(np.float32)}
 
 
-def phone(tr: dict):
-    runner = open_bundle(fed_bundle("sharded"), threads=1)
-    state = {k: np.array(v) for k, v in runner.get_state().items()}
-    state.update({B.TRAINABLE + k: np.asarray(v) for k, v in tr.items()})
-    runner.set_state(state)
+_OPEN: dict = {}
+
+
+def phone(tr: dict, slot: int = 0):
+    """The sharded bundle's LiteRT runner number ``slot`` (opened once per module), its whole
+    state reset to the bundle's with the trainable tensors ``tr``."""
+    if slot not in _OPEN:
+        runner = open_bundle(fed_bundle("sharded"), threads=1)
+        _OPEN[slot] = (runner, {k: np.array(v) for k, v in runner.get_state().items()})
+    runner, init = _OPEN[slot]
+    runner.set_state({**init, **{B.TRAINABLE + k: np.asarray(v) for k, v in tr.items()}})
     return runner
 
 
-def server(tr: dict, cut: int = CUT):
-    s = SP.SplitServer(fed_bundle("sharded"), cut)
+def server(tr: dict):
+    """The split server at ``CUT`` (built and jitted once per module), reset to ``tr``."""
+    if "server" not in _OPEN:
+        _OPEN["server"] = SP.SplitServer(fed_bundle("sharded"), CUT)
+    s = _OPEN["server"]
     s.lora = {t: jnp.asarray(tr[t]) for t in s.names}
-    s.opt_state = s.tx.init(s.lora)
+    s.opt_state, s.step = s.tx.init(s.lora), 0
+    s.zero()
     return s
 
 
@@ -100,7 +112,7 @@ def test_steps_of_two_clients_equal_a_single_process_jax_reference(ref):
     steps, tr, fr = ref
     srv = server(tr)
     svc = SP.SplitService(srv, TOKEN)
-    mine = client_names(open_bundle(fed_bundle("sharded"), threads=1).manifest, CUT)
+    mine = client_names(phone(tr).manifest, CUT)
     optim = fed_recipe(4).optim
     tx = make_optimizer(optim, steps.cfg.family)
     s_par = {t: tr[t] for t in srv.names}
@@ -127,7 +139,7 @@ def test_steps_of_two_clients_equal_a_single_process_jax_reference(ref):
                 else:
                     s_par, s_opt = new, new_opt
         state = sr.get_state()
-        got.update({(dev, t): state[B.TRAINABLE + t] for t in mine})
+        got.update({(dev, t): np.array(state[B.TRAINABLE + t]) for t in mine})
         want.update({(dev, t): c_par[t] for t in mine})
     got.update({("server", t): v for t, v in srv.lora.items()})
     want.update({("server", t): s_par[t] for t in srv.names})
@@ -138,16 +150,23 @@ def test_steps_of_two_clients_equal_a_single_process_jax_reference(ref):
     assert srv.step == 4
 
 
-def test_a_split_step_over_loopback_http_with_token_auth(ref):
+def test_a_split_step_over_loopback_https_with_token_auth(ref, tmp_path):
+    """The same bytes over HTTP/1.1 + TLS on 127.0.0.1 give the same step as the in-process
+    call; a wrong token is a 401, an untrusted certificate and a bad body are refused."""
+    from tests.helpers import self_signed_cert
+    certs = self_signed_cert(tmp_path)
     steps, tr, fr = ref
     b = batch(3)
-    direct = SplitRunner(phone(tr), CUT, SP.DirectLink(SP.SplitService(server(tr), TOKEN), "d0"))
+    direct = SplitRunner(phone(tr, 1), CUT, SP.DirectLink(SP.SplitService(server(tr), TOKEN), "d0"))
     want = direct.accumulate(b)
-    svc = SP.SplitService(server(tr), TOKEN)
-    httpd, url = SP.start(svc, "127.0.0.1", 0)
+    svc = SP.SplitService(server(tr), TOKEN)     # the same server, reset
+    httpd, url = SP.start(svc, "127.0.0.1", 0, certs / "cert.pem", certs / "key.pem")
     try:
-        assert url.startswith("http://127.0.0.1:")
-        client = SplitClient(url, TOKEN, "d0", log=lambda m: None)
+        assert url.startswith("https://127.0.0.1:")
+        untrusted = SplitClient(url, TOKEN, "d0", log=lambda m: None)
+        with pytest.raises(MobiletuneError, match="certificate does not verify"):
+            untrusted.exchange(1, 0, b"x")
+        client = SplitClient(url, TOKEN, "d0", cafile=certs / "cert.pem", log=lambda m: None)
         sr = SplitRunner(phone(tr), CUT, client)
         assert sr.accumulate(b) == want
         for k in client_names(sr.manifest, CUT):
@@ -156,7 +175,7 @@ def test_a_split_step_over_loopback_http_with_token_auth(ref):
         assert svc.take_bytes() == ({"d0": sr.bytes_up}, {"d0": sr.bytes_down})
         sr.apply()
         assert svc.server.step == 1
-        bad = SplitClient(url, "f" * 32, "d0", log=lambda m: None)
+        bad = SplitClient(url, "f" * 32, "d0", cafile=certs / "cert.pem", log=lambda m: None)
         with pytest.raises(MobiletuneError, match="401"):
             bad.exchange(2, 0, P.encode({"h": np.zeros((2, SEQ, 30), np.float32)}))
         h = sr.inner.hidden_states(b["inputs"], CUT)[-1]
@@ -227,7 +246,7 @@ def test_one_simulated_splitlora_round_on_two_clients(tmp_path):
     assert r1["round-s"] >= sum(x["round-s"] for x in c)     # one client after the other
     assert r1["val-loss"] != rows[0]["val-loss"]
     got = final_adapter(run)
-    runner = open_bundle(fed_bundle("sharded"), threads=1)
+    runner = phone({})
     init = {"base_model.model." + k[len(B.TRAINABLE):]: v for k, v in runner.get_state().items()
             if k.startswith(B.TRAINABLE)}
     assert set(got) == set(init)                 # both halves in the final adapter

@@ -106,7 +106,8 @@ def prepare(recipe, fed, out: Path, bundle_root: Path | None = None) -> S.RunSpe
                      seed=fed.seed, deadline_s=fed.deadline_s, fraction_evaluate=fed.fraction_evaluate,
                      eta=fed.eta, eval_max_examples=fed.eval_max_examples, mc_items=fed.mc_items,
                      bundles=bundles, default_bundle=f"r{base_r}", data_kind=kind, cut=fed.cut,
-                     split_host=fed.split_host, split_port=fed.split_port)
+                     split_host=fed.split_host, split_port=fed.split_port,
+                     split_tls_cert=fed.split_tls_cert, split_tls_key=fed.split_tls_key)
     S.write(out, spec)
     return spec
 

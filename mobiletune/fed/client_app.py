@@ -87,7 +87,7 @@ def train(msg: Message, run: Path, pid: int) -> Message:
     down = sum(v.nbytes for v in wire.values())
     split = None
     if spec.method == "splitlora":
-        split = (int(conf["split-cut"]), split_link(conf, pid, c.log))
+        split = (int(conf["split-cut"]), split_link(conf, pid, c.log, spec.split_tls_cert))
     try:
         res = c.train_round(wire or None, cfg, rnd, bytes_down=down, transfer=prof.transfer_s,
                             split=split)
@@ -106,15 +106,15 @@ def train(msg: Message, run: Path, pid: int) -> Message:
                    reply_to=msg)
 
 
-def split_link(conf: ConfigRecord, pid: int, log):
+def split_link(conf: ConfigRecord, pid: int, log, cafile=None):
     """SplitLoRA: the phone's HTTP link to the server's cut endpoint named in the round's
-    config (its URL and the run's bearer token)."""
+    config (its URL and the run's bearer token); ``cafile``: the endpoint's certificate."""
     from mobiletune.runtime.split.runner import SplitClient
     for k in ("split-url", "split-token", "split-cut"):
         if k not in conf:
             raise RuntimeError(f"a SplitLoRA round's config lacks {k!r}")
     return SplitClient(str(conf["split-url"]), str(conf["split-token"]), f"client-{pid:03d}",
-                       log=log)
+                       cafile=cafile, log=log)
 
 
 def evaluate(msg: Message, run: Path, pid: int) -> Message:

@@ -41,6 +41,8 @@ class FedConfig:
     cut: int | None = None              # SplitLoRA: the phone runs layers < cut (None: half)
     split_host: str = "127.0.0.1"       # SplitLoRA: where the server's cut endpoint listens
     split_port: int = 0                 # (0: any free port; the phones get its URL each round)
+    split_tls_cert: str | None = None   # SplitLoRA: TLS for the endpoint (certificate, key);
+    split_tls_key: str | None = None    # the phones trust that certificate
 
     def __post_init__(self):
         methods = ("fedavg", "fedprox", "fedadam", "flexlora", "ffa", "splitlora", "local-only",

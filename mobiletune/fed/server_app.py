@@ -92,7 +92,8 @@ def serve(grid: Grid, run, log=info) -> list[dict]:
     strategy = T.make(spec.method, W.shapes(ev.init), lora, mu=spec.mu,
                       fraction_train=spec.fraction_train, fraction_evaluate=spec.fraction_evaluate,
                       min_nodes=1, eta=spec.eta, bundle=spec.bundle(), cut=spec.cut,
-                      split_host=spec.split_host, split_port=spec.split_port)
+                      split_host=spec.split_host, split_port=spec.split_port,
+                      split_tls=(spec.split_tls_cert, spec.split_tls_key))
     try:
         return _rounds(grid, run, spec, ev, strategy, log)
     finally:

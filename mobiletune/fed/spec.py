@@ -45,6 +45,8 @@ class RunSpec:
     cut: int | None = None              # SplitLoRA: the phone runs layers < cut (None: half)
     split_host: str = "127.0.0.1"       # SplitLoRA: the server's cut endpoint (host, port)
     split_port: int = 0
+    split_tls_cert: str | None = None   # SplitLoRA: the endpoint's TLS certificate + key (the
+    split_tls_key: str | None = None    # phones trust this certificate); None: plain HTTP
 
     def __post_init__(self):
         if self.default_bundle not in self.bundles:

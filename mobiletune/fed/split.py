@@ -263,9 +263,6 @@ APPLY_RE = re.compile(rf"^{P.SPLIT}/([\w.-]+)/steps/(\d+)/apply$")
 class SplitHandler(H.JsonHandler):
     service: SplitService
 
-    def log_refusal(self, msg: str) -> None:
-        self.service.log(msg)
-
     def route(self, method: str, path: str):
         s = self.service
         H.check_bearer(self.headers.get("Authorization"), s.token)
@@ -283,8 +280,7 @@ class SplitHandler(H.JsonHandler):
 def start(service: SplitService, host: str = "127.0.0.1", port: int = 0, tls_cert=None,
           tls_key=None):
     """Serve ``service`` on a daemon thread: (httpd, url); ``httpd.shutdown()`` stops it."""
-    handler = type("SplitHandlerBound", (SplitHandler,), {"service": service})
-    httpd = H.make_server(handler, host, port, tls_cert, tls_key)
+    httpd = H.make_server(SplitHandler, service, host, port, tls_cert, tls_key)
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
                      name="split-server", daemon=True).start()
     return httpd, H.url_of(httpd, host, bool(tls_cert))

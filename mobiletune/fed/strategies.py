@@ -33,6 +33,7 @@ from flwr.common import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from mobiletune.errors import MobiletuneError
 from mobiletune.fed import adapter as W
 from mobiletune.fed import aggregate as G
 from mobiletune.fed.records import from_record, to_record
@@ -225,7 +226,8 @@ class SplitLoRAM(Screened, FedAvg):
 
     sequential = True
 
-    def __init__(self, bundle, cut=None, host: str = "127.0.0.1", port: int = 0, **kw):
+    def __init__(self, bundle, cut=None, host: str = "127.0.0.1", port: int = 0,
+                 tls=(None, None), **kw):
         import secrets
 
         from mobiletune.fed import split as SP
@@ -233,7 +235,9 @@ class SplitLoRAM(Screened, FedAvg):
         self.server = SP.SplitServer(bundle, cut)
         self.service = SP.SplitService(self.server, secrets.token_hex(16),
                                        log=lambda m: log(WARNING, "%s", m))
-        self.host, self.port, self.httpd, self.url = host, port, None, None
+        self.host, self.port, self.tls, self.httpd, self.url = host, port, tls, None, None
+        if bool(tls[0]) != bool(tls[1]):
+            raise MobiletuneError("split_tls_cert and split_tls_key go together")
 
     def setup_screen(self, expected: dict, ffa: bool = False):
         mine = {W.PREFIX + n for n in self.server.client}
@@ -249,7 +253,7 @@ class SplitLoRAM(Screened, FedAvg):
     def _endpoint(self) -> str:
         if self.httpd is None:
             from mobiletune.fed import split as SP
-            self.httpd, self.url = SP.start(self.service, self.host, self.port)
+            self.httpd, self.url = SP.start(self.service, self.host, self.port, *self.tls)
             log(INFO, "splitlora: cut at layer %s, endpoint %s", self.server.cut, self.url)
         return self.url
 
@@ -304,7 +308,8 @@ class SplitLoRAM(Screened, FedAvg):
 
 def make(method: str, expected: dict, lora: dict, *, mu: float = 0.0, fraction_train: float = 1.0,
          fraction_evaluate: float = 0.0, min_nodes: int = 1, eta: float = 1e-2, tau: float = 1e-3,
-         bundle=None, cut: int | None = None, split_host: str = "127.0.0.1", split_port: int = 0):
+         bundle=None, cut: int | None = None, split_host: str = "127.0.0.1", split_port: int = 0,
+         split_tls=(None, None)):
     """The strategy ``method`` over adapters of ``expected`` shapes (wire names); SplitLoRA
     also takes the (sharded) ``bundle`` its server half computes with, the ``cut`` and the
     endpoint's address."""
@@ -320,7 +325,7 @@ def make(method: str, expected: dict, lora: dict, *, mu: float = 0.0, fraction_t
     elif method == "flexlora":
         s = FlexLoRAM(lora, **common)
     elif method == "splitlora":
-        s = SplitLoRAM(bundle, cut, split_host, split_port, **common)
+        s = SplitLoRAM(bundle, cut, split_host, split_port, split_tls, **common)
     else:
         raise ValueError(f"method={method!r}: expected one of {METHODS}")
     s.setup_screen(expected, ffa=method == "ffa")

@@ -186,15 +186,19 @@ def check_sha(body: bytes, sha: str | None, what: str) -> None:
 class JsonHandler(BaseHTTPRequestHandler):
     """A quiet handler: subclasses implement ``route(method, path)`` returning
     ``(code, body: bytes | dict[, content type[, headers]])`` or raising ``Refused``;
-    ``log(msg)`` reports refusals (the class attribute ``log`` may be replaced)."""
+    ``service`` (bound by ``make_server``) is the state behind it, and its ``log(msg)``
+    hears of every refusal but 429."""
 
     protocol_version = "HTTP/1.1"
+    service = None
 
     def log_message(self, fmt, *args):  # quiet: the service logs what matters
         pass
 
     def log_refusal(self, msg: str) -> None:
-        pass
+        log = getattr(self.service, "log", None)
+        if log is not None:
+            log(msg)
 
     def send(self, code: int, body: bytes | dict, ctype="application/json", headers=None):
         data = json.dumps(body).encode() if isinstance(body, dict) else body
@@ -243,7 +247,9 @@ class JsonHandler(BaseHTTPRequestHandler):
         self._handle("PUT")
 
 
-def make_server(handler: type, host: str, port: int, tls_cert=None, tls_key=None):
+def make_server(handler: type, service, host: str, port: int, tls_cert=None, tls_key=None):
+    """A ``ThreadingHTTPServer`` of ``handler`` bound to ``service`` (TLS with a cert)."""
+    handler = type(handler.__name__, (handler,), {"service": service})
     httpd = ThreadingHTTPServer((host, port), handler)
     httpd.daemon_threads = True
     if tls_cert:

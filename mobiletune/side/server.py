@@ -221,9 +221,6 @@ class SideService:
 class Handler(H.JsonHandler):
     service: SideService
 
-    def log_refusal(self, msg: str) -> None:
-        self.service.log(msg)
-
     def route(self, method: str, path: str):
         s = self.service
         m = BATCH_RE.match(path) or STATUS_RE.match(path) or SIDE_RE.match(path)
@@ -241,8 +238,7 @@ class Handler(H.JsonHandler):
 
 
 def make_server(service: SideService, host: str, port: int, tls_cert=None, tls_key=None):
-    handler = type("SideHandler", (Handler,), {"service": service})
-    return H.make_server(handler, host, port, tls_cert, tls_key)
+    return H.make_server(Handler, service, host, port, tls_cert, tls_key)
 
 
 def serve(recipe, out, host: str, port: int, token_file, tls_cert=None, tls_key=None,
