@@ -81,7 +81,10 @@ def prepare(recipe, fed, out: Path, bundle_root: Path | None = None) -> S.RunSpe
     ranks = sorted(set(fed.ranks) | {base_r}) if fed.method == "flexlora" else [base_r]
     broot = bundle_root or out / "bundles"
     sharded = fed.sharded or fed.method == "splitlora"   # SplitLoRA cuts a sharded bundle
-    bundles = {f"r{r}": str(export(rfile, broot / f"r{r}", r, fed.variants, sharded))
+    # a bench's runs share ``bundle_root``: SplitLoRA's forced sharded bundles go beside
+    # the other methods' monolithic ones, not over them
+    suffix = "-sharded" if sharded and not fed.sharded else ""
+    bundles = {f"r{r}": str(export(rfile, broot / f"r{r}{suffix}", r, fed.variants, sharded))
                for r in ranks}
     if fed.partition == "shakespeare-roles":
         clients = PT.shakespeare_roles(fed.clients, fed.seed)
