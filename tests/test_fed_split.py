@@ -150,6 +150,36 @@ def test_steps_of_two_clients_equal_a_single_process_jax_reference(ref):
     assert srv.step == 4
 
 
+def test_the_server_half_resumes_from_its_checkpointed_state(ref, tmp_path):
+    """``state()`` (LoRA + optax state + step, what the ServerApp checkpoints each round)
+    written and read back through the checkpoint store, then the same steps: the same
+    adapter bit for bit."""
+    from mobiletune.runtime.state_checkpoints import Checkpoints
+    _, tr, _ = ref
+    srv = server(tr)
+
+    def step(seed):
+        b = batch(seed)
+        srv.forward_backward(np.zeros((2, SEQ, 30), np.float32) + b["loss_mask"][..., None],
+                             b["targets"], b["loss_mask"])
+        srv.apply()
+    step(30)
+    ck = Checkpoints(tmp_path / "ck", keep=1, log=lambda m: None)
+    ck.save(1, {f"strategy/split/{k}": v for k, v in srv.state().items()}, {})
+    step(31)
+    step(32)
+    want = {t: np.asarray(v) for t, v in srv.lora.items()}
+    _, saved, _ = ck.latest()
+    srv.load_state({k[len("strategy/split/"):]: v for k, v in saved.items()})
+    assert srv.step == 1
+    step(31)
+    step(32)
+    for t in want:
+        np.testing.assert_array_equal(np.asarray(srv.lora[t]), want[t], err_msg=t)
+    with pytest.raises(MobiletuneError, match="split server checkpoint: key 'lora/"):
+        srv.load_state({})
+
+
 def test_a_split_step_over_loopback_https_with_token_auth(ref, tmp_path):
     """The same bytes over HTTP/1.1 + TLS on 127.0.0.1 give the same step as the in-process
     call; a wrong token is a 401, an untrusted certificate and a bad body are refused."""
