@@ -13,7 +13,9 @@ would score it.
 Round row: ``round``, ``method``, ``clients`` (each client's metrics), ``rejected`` /
 ``failed`` (with reasons), ``bytes-down`` / ``bytes-up`` and their running totals,
 ``aggregation-s``, ``round-s`` (simulated synchronous round: the slowest client's
-download + compute + upload, plus aggregation), ``wall-s`` (cumulative), ``energy-j``
+download + compute + upload, plus aggregation; SplitLoRA, whose clients train one after
+another: their sum), ``cut-bytes-up`` / ``cut-bytes-down`` (SplitLoRA: the activations and
+gradients at the cut, also in ``bytes-*``), ``wall-s`` (cumulative), ``energy-j``
 (sum over clients) and its running total, ``peak-rss-mb`` (max over clients), ``val-loss``,
 ``val-ppl``, ``mc-acc``, and ``host-s`` (this machine's time for the round).
 """
