@@ -19,7 +19,6 @@ from mobiletune.errors import MobiletuneError  # noqa: E402
 from mobiletune.fed import split as SP  # noqa: E402
 from mobiletune.formats.loading import load_model  # noqa: E402
 from mobiletune.io import http as H  # noqa: E402
-from mobiletune.io import safetensors as st  # noqa: E402
 from mobiletune.runtime import bundle as B  # noqa: E402
 from mobiletune.runtime.runner import open_bundle  # noqa: E402
 from mobiletune.runtime.split import protocol as P  # noqa: E402

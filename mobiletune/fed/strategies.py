@@ -284,9 +284,10 @@ class SplitLoRAM(Screened, FedAvg):
     def aggregate_train(self, server_round, replies):
         out = super().aggregate_train(server_round, replies)
         up, down = self.service.take_bytes()
-        self.round_log["cut-bytes-up"], self.round_log["cut-bytes-down"] = sum(up.values()), sum(down.values())
-        self.round_log["bytes-up"] += self.round_log["cut-bytes-up"]
-        self.bytes_down += self.round_log["cut-bytes-down"]
+        rl = self.round_log
+        rl["cut-bytes-up"], rl["cut-bytes-down"] = sum(up.values()), sum(down.values())
+        rl["bytes-up"] += rl["cut-bytes-up"]
+        self.bytes_down += rl["cut-bytes-down"]
         return out
 
     def configure_evaluate(self, server_round, arrays, config, grid):
