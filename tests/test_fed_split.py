@@ -4,7 +4,8 @@ q/v/down, cut at layer 2 unless said): one split step through LiteRT + JAX gives
 and every LoRA gradient of ``jax.grad`` of the whole model (≤ 1e-5 relative per tensor, to
 its largest |g|); a few steps of two clients on the shared server adapter equal a
 single-process JAX run of the same schedule (≤ 1e-5 absolute); the same step over loopback
-HTTPS with token auth; wrong-shaped payloads refused naming the tensor."""
+HTTPS with token auth; wrong-shaped payloads refused naming the tensor; the server half
+resumes from its checkpointed state; one simulated federated round on 2 clients."""
 
 import dataclasses
 
