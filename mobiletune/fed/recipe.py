@@ -51,6 +51,9 @@ class FedConfig:
             raise MobiletuneError(f"fed.method={self.method!r}: expected one of {', '.join(methods)}")
         if self.partition not in PARTITIONS:
             raise MobiletuneError(f"fed.partition={self.partition!r}: expected one of {PARTITIONS}")
+        if self.cut is not None and (type(self.cut) is not int or self.cut < 1):
+            raise MobiletuneError(f"fed.cut={self.cut!r}: must be a positive integer (the phone "
+                                  f"runs layers 0 … cut-1) or None (half the layers)")
         for k in ("clients", "rounds", "local_steps"):
             if type(getattr(self, k)) is not int or getattr(self, k) < 1:
                 raise MobiletuneError(f"fed.{k}={getattr(self, k)!r}: must be a positive integer")
