@@ -65,16 +65,18 @@ def random_lora(rng, out_dim: int, in_dim: int, r: int) -> tuple[np.ndarray, np.
 
 
 def make_run(out: Path, method: str = "fedavg", clients: int = 2, rounds: int = 2,
-             ranks=(), dropout: float = 0.0, local_steps: int = 2, **spec) -> Path:
-    """A run directory for the tiny bundles: two Shakespeare roles per client count (the
-    smallest roles of two plays, LEAF style), profiles, fed.json."""
+             ranks=(), dropout: float = 0.0, local_steps: int = 2, kind: str = "mono",
+             **spec) -> Path:
+    """A run directory for the tiny bundles (``kind`` mono or sharded): two Shakespeare
+    roles per client count (the smallest roles of two plays, LEAF style), profiles,
+    fed.json."""
     from mobiletune.fed import partition as PT
     from mobiletune.fed import profiles as P
     from mobiletune.fed import spec as S
     cl = PT.shakespeare_roles(clients, plays=["macbeth", "tempest"], min_chars=3000, top=False)
     cl = [{**c, "train": c["train"][:6000], "val": c["val"][:1500]} for c in cl]
     PT.write(out, cl, None, "txt", {"partition": "shakespeare-roles"})
-    bundles = {f"r{r}": str(fed_bundle("mono", r)) for r in sorted({4, *ranks})}
+    bundles = {f"r{r}": str(fed_bundle(kind, r)) for r in sorted({4, *ranks})}
     profs = {f"d{i}": P.DeviceProfile(lora_rank=r, dropout=dropout) for i, r in enumerate(ranks or [None])}
     P.write(out / P.FILE, P.Profiles(1, profs, list(profs)))  # seed 1: at dropout 0.3, partition 0 drops out of round 1
     S.write(out, S.RunSpec(method=method, rounds=rounds, local_steps=local_steps, clients=clients,

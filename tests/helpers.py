@@ -91,3 +91,12 @@ def require_asset(find, *args):
         if os.environ.get("CI"):
             pytest.fail(f"asset {args} missing under CI: {e}")
         pytest.skip(f"asset not installed: {e}")
+
+
+def self_signed_cert(d: Path) -> Path:
+    """``d/cert.pem`` + ``d/key.pem``: a one-day self-signed certificate for 127.0.0.1."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+                   check=True, capture_output=True)
+    return d

@@ -403,12 +403,8 @@ def test_an_unreachable_server_stops_the_phone_with_its_cursor(env, reference_ru
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tls")
-    for cmd in (["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                 "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                 "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],):
-        subprocess.run(cmd, check=True, capture_output=True)
-    return d
+    from tests.helpers import self_signed_cert
+    return self_signed_cert(tmp_path_factory.mktemp("tls"))
 
 
 def test_tls_on_loopback(env, tmp_path, certs):

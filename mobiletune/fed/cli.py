@@ -80,7 +80,11 @@ def prepare(recipe, fed, out: Path, bundle_root: Path | None = None) -> S.RunSpe
     base_r = recipe.lora.r
     ranks = sorted(set(fed.ranks) | {base_r}) if fed.method == "flexlora" else [base_r]
     broot = bundle_root or out / "bundles"
-    bundles = {f"r{r}": str(export(rfile, broot / f"r{r}", r, fed.variants, fed.sharded))
+    sharded = fed.sharded or fed.method == "splitlora"   # SplitLoRA cuts a sharded bundle
+    # a bench's runs share ``bundle_root``: SplitLoRA's forced sharded bundles go beside
+    # the other methods' monolithic ones, not over them
+    suffix = "-sharded" if sharded and not fed.sharded else ""
+    bundles = {f"r{r}": str(export(rfile, broot / f"r{r}{suffix}", r, fed.variants, sharded))
                for r in ranks}
     if fed.partition == "shakespeare-roles":
         clients = PT.shakespeare_roles(fed.clients, fed.seed)
@@ -104,7 +108,9 @@ def prepare(recipe, fed, out: Path, bundle_root: Path | None = None) -> S.RunSpe
                      clients=fed.clients, mu=fed.mu, optimizer_state=fed.optimizer_state,
                      seed=fed.seed, deadline_s=fed.deadline_s, fraction_evaluate=fed.fraction_evaluate,
                      eta=fed.eta, eval_max_examples=fed.eval_max_examples, mc_items=fed.mc_items,
-                     bundles=bundles, default_bundle=f"r{base_r}", data_kind=kind)
+                     bundles=bundles, default_bundle=f"r{base_r}", data_kind=kind, cut=fed.cut,
+                     split_host=fed.split_host, split_port=fed.split_port,
+                     split_tls_cert=fed.split_tls_cert, split_tls_key=fed.split_tls_key)
     S.write(out, spec)
     return spec
 

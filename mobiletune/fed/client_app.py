@@ -12,7 +12,12 @@ client_app:app``) is the deployment one: the SuperNode's ``--node-config`` names
   energy, paused/stopped). Offline this round (the profile's availability) or dropping out
   mid-round (its dropout rate): an error reply, as a real phone that vanished.
 * EVALUATE: NLL of the client's held-out split under the global adapter.
-* QUERY: the LoRA rank this device trains (FlexLoRA).
+* QUERY: the LoRA rank this device trains (FlexLoRA) and its partition id (the order
+  SplitLoRA's clients train in).
+
+SplitLoRA: the TRAIN config also names the server's cut endpoint (``split-url``,
+``split-token``, ``split-cut``); the phone trains layers < cut and exchanges activations
+and gradients with the server over HTTP (``mobiletune.runtime.split``) every micro-batch.
 """
 
 from __future__ import annotations
@@ -80,7 +85,15 @@ def train(msg: Message, run: Path, pid: int) -> Message:
                       optimizer_state=spec.optimizer_state, frozen_a=spec.method == "ffa",
                       deadline_s=spec.deadline_s)
     down = sum(v.nbytes for v in wire.values())
-    res = c.train_round(wire or None, cfg, rnd, bytes_down=down, transfer=prof.transfer_s)
+    split = None
+    if spec.method == "splitlora":
+        split = (int(conf["split-cut"]), split_link(conf, pid, c.log, spec.split_tls_cert))
+    try:
+        res = c.train_round(wire or None, cfg, rnd, bytes_down=down, transfer=prof.transfer_s,
+                            split=split)
+    finally:
+        if split is not None:
+            split[1].close()
     if drops:
         raise ClientUnavailable(f"partition {pid} dropped out of round {rnd} after "
                                 f"{res.metrics['steps']} steps (profile)")
@@ -91,6 +104,17 @@ def train(msg: Message, run: Path, pid: int) -> Message:
     metrics.update({"num-examples": res.num_examples, "partition-id": pid})
     return Message(RecordDict({"arrays": to_record(res.adapter), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
+
+
+def split_link(conf: ConfigRecord, pid: int, log, cafile=None):
+    """SplitLoRA: the phone's HTTP link to the server's cut endpoint named in the round's
+    config (its URL and the run's bearer token); ``cafile``: the endpoint's certificate."""
+    from mobiletune.runtime.split.runner import SplitClient
+    for k in ("split-url", "split-token", "split-cut"):
+        if k not in conf:
+            raise RuntimeError(f"a SplitLoRA round's config lacks {k!r}")
+    return SplitClient(str(conf["split-url"]), str(conf["split-token"]), f"client-{pid:03d}",
+                       cafile=cafile, log=log)
 
 
 def evaluate(msg: Message, run: Path, pid: int) -> Message:

@@ -151,20 +151,36 @@ class LocalClient:
 
     # --- one round ----------------------------------------------------------------------------
     def train_round(self, global_wire: dict | None, cfg: RoundConfig, rnd: int = 0,
-                    bytes_down: int = 0, transfer=None) -> RoundResult:
+                    bytes_down: int = 0, transfer=None, split=None) -> RoundResult:
         """Train ``cfg.steps`` steps from ``global_wire`` (None or empty: keep the local
         adapter, e.g. FlexLoRA's first round). ``transfer(nbytes, up) -> seconds`` is the
-        profile's network model (None: free)."""
+        profile's network model (None: free). ``split = (cut, link)``: SplitLoRA — the
+        phone trains layers < cut and a server the rest through ``link``
+        (``runtime.split.runner``); the adapter exchanged is the phone's layers' only, and
+        the cut's activations and gradients count in the bytes and the link's time."""
         t, r = self.trainer, self.runner
         start = self._round_start(rnd)
         state = {k: np.array(v) for k, v in r.get_state().items()}
         if cfg.optimizer_state == "reset":
             state.update({k: self.initial[k].copy() for k in moment_leaves(state)})
+        want = self.expected
+        if cfg.frozen_a:
+            want = {k: s for k, s in want.items() if k.endswith(W.B_SUFFIX)}
+        split_runner = None
+        if split is not None:
+            from mobiletune.runtime.split.runner import SplitRunner
+
+            def charge(up: int, down: int) -> None:
+                if transfer:
+                    self.clock.sleep(transfer(up, True) + transfer(down, False))
+            split_runner = SplitRunner(r, split[0], split[1], on_exchange=charge)
+            mine = {W.PREFIX + n for n in split_runner.names}
+            want = {k: s for k, s in want.items() if k in mine}
         if global_wire:
-            want = ({k: s for k, s in self.expected.items() if k.endswith(W.B_SUFFIX)}
-                    if cfg.frozen_a else self.expected)
             state.update(W.to_state_names(W.validate(global_wire, want, "global adapter")))
         r.set_state(state)
+        if split_runner is not None:
+            t.runner = split_runner
         anchor = {k: state[k].copy() for k in state if k.startswith(B.TRAINABLE)}
         down_s = transfer(bytes_down, False) if transfer else 0.0
         self.clock.sleep(down_s)
@@ -183,14 +199,16 @@ class LocalClient:
         t.hooks = Hooks(before_apply=self._before_apply(cfg, anchor),
                         after_apply=self._after_apply(cfg, anchor),
                         after_step=after_step, should_stop=should_stop)
-        run = t.run(start + cfg.steps)
-        t.hooks = Hooks()
+        try:
+            run = t.run(start + cfg.steps)
+        finally:
+            t.hooks, t.runner = Hooks(), r
         events = [x for x in t.metrics.rows() if "event" in x and x["step"] >= start]
         done = run.step - start
         final = r.get_state()
-        wire = W.to_wire(final)
-        if cfg.frozen_a:
-            wire = {k: v for k, v in wire.items() if k.endswith(W.B_SUFFIX)}
+        wire = {k: v for k, v in W.to_wire(final).items() if k in want}
+        cut_up = split_runner.bytes_up if split_runner else 0
+        cut_down = split_runner.bytes_down if split_runner else 0
         up_bytes = W.num_bytes(wire)
         up_s = transfer(up_bytes, True) if transfer else 0.0
         compute_phone = self.clock.now() - t0_clock
@@ -209,7 +227,8 @@ class LocalClient:
             "phone-step-time-s": compute_phone / done if done else 0.0,
             "compute-s": compute_phone, "download-s": down_s, "upload-s": up_s,
             "round-s": down_s + compute_phone + up_s,
-            "bytes-down": int(bytes_down), "bytes-up": up_bytes,
+            "bytes-down": int(bytes_down) + cut_down, "bytes-up": up_bytes + cut_up,
+            "cut-bytes-up": cut_up, "cut-bytes-down": cut_down,
             "rss-avg-mb": float(np.mean(rss)) if rss else rss_mb(), "rss-peak-mb": peak_rss_mb(),
             "energy-j": float(energy), "energy-measured": measured,
             "paused": sum(1 for e in events if e["event"] == "pause"),

@@ -17,7 +17,7 @@ PARTITIONS = ("shakespeare-roles", "wordnet-dirichlet")
 
 @dataclass(frozen=True)
 class FedConfig:
-    method: str = "fedavg"              # fedavg | fedprox | fedadam | flexlora | ffa
+    method: str = "fedavg"              # fedavg | fedprox | fedadam | flexlora | ffa | splitlora
     #                                     (baselines: local-only | centralized)
     clients: int = 8
     rounds: int = 5
@@ -38,13 +38,22 @@ class FedConfig:
     mc_items: int = 0                   # WordNet multiple-choice items the server scores
     fraction_evaluate: float = 0.0      # client-side evaluation each round
     eta: float = 0.01                   # FedAdam's server learning rate
+    cut: int | None = None              # SplitLoRA: the phone runs layers < cut (None: half)
+    split_host: str = "127.0.0.1"       # SplitLoRA: where the server's cut endpoint listens
+    split_port: int = 0                 # (0: any free port; the phones get its URL each round)
+    split_tls_cert: str | None = None   # SplitLoRA: TLS for the endpoint (certificate, key);
+    split_tls_key: str | None = None    # the phones trust that certificate
 
     def __post_init__(self):
-        methods = ("fedavg", "fedprox", "fedadam", "flexlora", "ffa", "local-only", "centralized")
+        methods = ("fedavg", "fedprox", "fedadam", "flexlora", "ffa", "splitlora", "local-only",
+                   "centralized")
         if self.method not in methods:
             raise MobiletuneError(f"fed.method={self.method!r}: expected one of {', '.join(methods)}")
         if self.partition not in PARTITIONS:
             raise MobiletuneError(f"fed.partition={self.partition!r}: expected one of {PARTITIONS}")
+        if self.cut is not None and (type(self.cut) is not int or self.cut < 1):
+            raise MobiletuneError(f"fed.cut={self.cut!r}: must be a positive integer (the phone "
+                                  f"runs layers 0 … cut-1) or None (half the layers)")
         for k in ("clients", "rounds", "local_steps"):
             if type(getattr(self, k)) is not int or getattr(self, k) < 1:
                 raise MobiletuneError(f"fed.{k}={getattr(self, k)!r}: must be a positive integer")

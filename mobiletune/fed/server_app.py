@@ -13,7 +13,9 @@ would score it.
 Round row: ``round``, ``method``, ``clients`` (each client's metrics), ``rejected`` /
 ``failed`` (with reasons), ``bytes-down`` / ``bytes-up`` and their running totals,
 ``aggregation-s``, ``round-s`` (simulated synchronous round: the slowest client's
-download + compute + upload, plus aggregation), ``wall-s`` (cumulative), ``energy-j``
+download + compute + upload, plus aggregation; SplitLoRA, whose clients train one after
+another: their sum), ``cut-bytes-up`` / ``cut-bytes-down`` (SplitLoRA: the activations and
+gradients at the cut, also in ``bytes-*``), ``wall-s`` (cumulative), ``energy-j``
 (sum over clients) and its running total, ``peak-rss-mb`` (max over clients), ``val-loss``,
 ``val-ppl``, ``mc-acc``, and ``host-s`` (this machine's time for the round).
 """
@@ -91,7 +93,20 @@ def serve(grid: Grid, run, log=info) -> list[dict]:
     lora = ev.client.m.lora
     strategy = T.make(spec.method, W.shapes(ev.init), lora, mu=spec.mu,
                       fraction_train=spec.fraction_train, fraction_evaluate=spec.fraction_evaluate,
-                      min_nodes=1, eta=spec.eta)
+                      min_nodes=1, eta=spec.eta, bundle=spec.bundle(), cut=spec.cut,
+                      split_host=spec.split_host, split_port=spec.split_port,
+                      split_tls=(spec.split_tls_cert, spec.split_tls_key))
+    try:
+        return _rounds(grid, run, spec, ev, strategy, log)
+    finally:
+        if hasattr(strategy, "close"):
+            strategy.close()
+
+
+def _rounds(grid: Grid, run: Path, spec: S.RunSpec, ev: Evaluator, strategy, log) -> list[dict]:
+    lora = ev.client.m.lora
+    # the whole model's adapter from the global arrays (SplitLoRA: + the server's layers)
+    whole = getattr(strategy, "complete", lambda w: w)
     ckpts = Checkpoints(run / "server" / "checkpoints", keep=2, log=log)
     got = ckpts.latest()
     if got is not None:
@@ -106,10 +121,12 @@ def serve(grid: Grid, run, log=info) -> list[dict]:
         glob = dict(ev.init)
         if spec.method == "ffa":
             glob = {k: v for k, v in glob.items() if k.endswith(W.B_SUFFIX)}
+        if spec.method == "splitlora":
+            glob = strategy.client_part(glob)
     rows = read_log(run / LOG, done)
     atomic.write_text(run / LOG, "".join(json.dumps(r) + "\n" for r in rows))
     if done == 0:
-        row = {"round": 0, "method": spec.method, **ev(glob), "bytes-down": 0, "bytes-up": 0,
+        row = {"round": 0, "method": spec.method, **ev(whole(glob)), "bytes-down": 0, "bytes-up": 0,
                "bytes-total": 0, "wall-s": 0.0, "energy-j-total": 0.0}
         _append(run, rows, row, log)
     arrays = to_record(glob)
@@ -118,7 +135,7 @@ def serve(grid: Grid, run, log=info) -> list[dict]:
     for rnd in range(done + 1, spec.rounds + 1):
         t0 = time.perf_counter()
         msgs = strategy.configure_train(rnd, arrays, ConfigRecord({}), grid)
-        replies = grid.send_and_receive(messages=msgs, timeout=spec.round_timeout_s)
+        replies = strategy.send(grid, msgs, spec.round_timeout_s)
         new, _ = strategy.aggregate_train(rnd, replies)
         if new is not None:
             arrays, glob = new, from_record(new)
@@ -133,13 +150,17 @@ def serve(grid: Grid, run, log=info) -> list[dict]:
                "accepted": len(clients), "rejected": rl.get("rejected", []),
                "failed": rl.get("failed", []), "bytes-down": strategy.bytes_down,
                "bytes-up": rl.get("bytes-up", 0), "aggregation-s": rl.get("aggregation-s", 0.0),
-               "round-s": max([c.get("round-s", 0.0) for c in clients] or [0.0])
-               + rl.get("aggregation-s", 0.0),
+               # synchronous round: the slowest client; SplitLoRA's clients go one by one
+               "round-s": (sum if getattr(strategy, "sequential", False) else max)(
+                   [c.get("round-s", 0.0) for c in clients] or [0.0]) + rl.get("aggregation-s", 0.0),
                "energy-j": sum(c.get("energy-j", 0.0) for c in clients),
                "peak-rss-mb": max([c.get("rss-peak-mb", 0.0) for c in clients] or [0.0]),
                "train-loss": (sum(c["train-loss"] * c["num-examples"] for c in clients)
                               / sum(c["num-examples"] for c in clients)) if clients else None,
-               **ev(glob)}
+               **ev(whole(glob))}
+        for k in ("cut-bytes-up", "cut-bytes-down"):
+            if k in rl:
+                row[k] = rl[k]
         if client_eval is not None:
             row["client-val-loss"] = float(client_eval.get("val-loss", math.nan))
         row["bytes-total"] = prev["bytes-total"] + row["bytes-down"] + row["bytes-up"]
@@ -152,7 +173,7 @@ def serve(grid: Grid, run, log=info) -> list[dict]:
         ckpts.save(rnd, state, {"method": spec.method})
         _append(run, rows, row, log)
     from mobiletune.runtime import peft_io
-    full = {**ev.init, **glob} if spec.method == "ffa" else glob
+    full = {**ev.init, **glob} if spec.method == "ffa" else whole(glob)
     if spec.method == "flexlora":
         full = strategy.global_adapter(int(lora["r"])) if strategy.svds else ev.init
     peft_io.write_adapter(run / "adapter", {k[len(W.PREFIX):]: v for k, v in full.items()},

@@ -25,7 +25,7 @@ FILE = "fed.json"
 
 @dataclass(frozen=True)
 class RunSpec:
-    method: str = "fedavg"              # fedavg | fedprox | fedadam | flexlora | ffa
+    method: str = "fedavg"              # fedavg | fedprox | fedadam | flexlora | ffa | splitlora
     rounds: int = 3
     local_steps: int = 4
     clients: int = 2
@@ -42,6 +42,11 @@ class RunSpec:
     bundles: dict = field(default_factory=dict)   # name -> bundle directory
     default_bundle: str = ""
     data_kind: str = "txt"              # txt | jsonl (the partition files' extension)
+    cut: int | None = None              # SplitLoRA: the phone runs layers < cut (None: half)
+    split_host: str = "127.0.0.1"       # SplitLoRA: the server's cut endpoint (host, port)
+    split_port: int = 0
+    split_tls_cert: str | None = None   # SplitLoRA: the endpoint's TLS certificate + key (the
+    split_tls_key: str | None = None    # phones trust this certificate); None: plain HTTP
 
     def __post_init__(self):
         if self.default_bundle not in self.bundles:

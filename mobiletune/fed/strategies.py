@@ -15,6 +15,11 @@ aggregated in partition order, so a run does not depend on arrival order.
   message per node; a node's rank comes from a QUERY the first time the node is seen.
 * ``ffa``     — FFA-LoRA: A frozen at the bundle's shared-seed init, only B travels and is
   averaged (half the bytes; the aggregate is exact since ΔW = s·(ΣpB)·A).
+* ``splitlora`` — SplitLoRA: the phones train the LoRA of layers < cut (FedAvg'd like
+  ``fedavg``), this process holds layers ≥ cut with one shared adapter
+  (``mobiletune.fed.split``) behind an HTTP endpoint the phones send their cut activations
+  to; the clients train one after another in partition order (SplitFed-v2), and the round's
+  bytes include the activations up and gradients down.
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ from flwr.common import log
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from mobiletune.errors import MobiletuneError
 from mobiletune.fed import adapter as W
 from mobiletune.fed import aggregate as G
 from mobiletune.fed.records import from_record, to_record
 
-METHODS = ("fedavg", "fedprox", "fedadam", "flexlora", "ffa")
+METHODS = ("fedavg", "fedprox", "fedadam", "flexlora", "ffa", "splitlora")
 
 
 
@@ -57,6 +63,24 @@ class Screened:
 
     def rank_of_reply(self, m: Message) -> int | None:
         return None
+
+    def query_nodes(self, grid, node_ids, timeout=120.0) -> None:
+        """QUERY the nodes not seen before for their properties (``self.props``: node ->
+        {"lora-rank", "partition-id"})."""
+        self.props = getattr(self, "props", {})
+        unknown = [n for n in node_ids if n not in self.props]
+        if not unknown:
+            return
+        qs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
+                      message_type=MessageType.QUERY) for n in unknown]
+        for rep in grid.send_and_receive(qs, timeout=timeout):
+            if not rep.has_error():
+                self.props[rep.metadata.src_node_id] = dict(rep.content["props"])
+        log(INFO, "%s: nodes %s", type(self).__name__, self.props)
+
+    def send(self, grid, msgs, timeout):
+        """The round's train messages out, the replies back (all at once)."""
+        return grid.send_and_receive(messages=msgs, timeout=timeout)
 
     def screen(self, server_round: int, replies) -> list[tuple[Message, dict, float]]:
         """(message, validated wire dict, examples) of the accepted replies, by partition."""
@@ -155,15 +179,8 @@ class FlexLoRAM(Screened, FedAvg):
             else self.rank_of.get(m.metadata.src_node_id)
 
     def _learn_ranks(self, grid, node_ids, timeout=120.0):
-        unknown = [n for n in node_ids if n not in self.rank_of]
-        if not unknown:
-            return
-        qs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
-                      message_type=MessageType.QUERY) for n in unknown]
-        for rep in grid.send_and_receive(qs, timeout=timeout):
-            if not rep.has_error():
-                self.rank_of[rep.metadata.src_node_id] = int(rep.content["props"]["lora-rank"])
-        log(INFO, "flexlora: ranks %s", self.rank_of)
+        self.query_nodes(grid, node_ids, timeout)
+        self.rank_of.update({n: int(p["lora-rank"]) for n, p in self.props.items()})
 
     def configure_train(self, server_round, arrays, config, grid):
         n_all = len(list(grid.get_node_ids()))
@@ -203,9 +220,100 @@ class FlexLoRAM(Screened, FedAvg):
         self.svds = {m: (d[f"svd/{m}/u"], d[f"svd/{m}/s"], d[f"svd/{m}/vt"]) for m in mods}
 
 
+class SplitLoRAM(Screened, FedAvg):
+    """SplitLoRA: FedAvg of the phones' layers (< cut) + the server's shared adapter of the
+    other layers, trained by the phones' cut activations through the split endpoint."""
+
+    sequential = True
+
+    def __init__(self, bundle, cut=None, host: str = "127.0.0.1", port: int = 0,
+                 tls=(None, None), **kw):
+        import secrets
+
+        from mobiletune.fed import split as SP
+        super().__init__(**kw)
+        self.server = SP.SplitServer(bundle, cut)
+        self.service = SP.SplitService(self.server, secrets.token_hex(16),
+                                       log=lambda m: log(WARNING, "%s", m))
+        self.host, self.port, self.tls, self.httpd, self.url = host, port, tls, None, None
+        if bool(tls[0]) != bool(tls[1]):
+            raise MobiletuneError("split_tls_cert and split_tls_key go together")
+
+    def setup_screen(self, expected: dict, ffa: bool = False):
+        mine = {W.PREFIX + n for n in self.server.client}
+        super().setup_screen({k: s for k, s in expected.items() if k in mine}, ffa)
+
+    def client_part(self, wire: dict) -> dict:
+        return {k: v for k, v in wire.items() if k in self.expected_full}
+
+    def complete(self, wire: dict) -> dict:
+        """The whole model's adapter: the phones' layers from ``wire``, the server's own."""
+        return {**wire, **self.server.wire()}
+
+    def _endpoint(self) -> str:
+        if self.httpd is None:
+            from mobiletune.fed import split as SP
+            self.httpd, self.url = SP.start(self.service, self.host, self.port, *self.tls)
+            log(INFO, "splitlora: cut at layer %s, endpoint %s", self.server.cut, self.url)
+        return self.url
+
+    def configure_train(self, server_round, arrays, config, grid):
+        n_all = len(list(grid.get_node_ids()))
+        size = max(int(n_all * self.fraction_train), self.min_train_nodes)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, size)
+        self.query_nodes(grid, node_ids)
+        order = sorted(node_ids, key=lambda n: (int(self.props.get(n, {}).get("partition-id", 1 << 30)), n))
+        config = ConfigRecord({**dict(config), "server-round": server_round,
+                               "split-url": self._endpoint(), "split-token": self.service.token,
+                               "split-cut": self.server.cut})
+        msgs = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n,
+                        message_type=MessageType.TRAIN) for n in order]
+        self.bytes_down = _bytes(msgs)
+        self.service.take_bytes()
+        return msgs
+
+    def send(self, grid, msgs, timeout):
+        """One client at a time (SplitFed-v2: the server adapter trains on each in turn); a
+        step a client left open (it failed mid-step) is dropped before the next one."""
+        replies = []
+        for m in msgs:
+            replies.extend(grid.send_and_receive(messages=[m], timeout=timeout))
+            self.service.discard_open()
+        return replies
+
+    def aggregate_train(self, server_round, replies):
+        out = super().aggregate_train(server_round, replies)
+        up, down = self.service.take_bytes()
+        rl = self.round_log
+        rl["cut-bytes-up"], rl["cut-bytes-down"] = sum(up.values()), sum(down.values())
+        rl["bytes-up"] += rl["cut-bytes-up"]
+        self.bytes_down += rl["cut-bytes-down"]
+        return out
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return super().configure_evaluate(server_round, to_record(self.complete(from_record(arrays))),
+                                          config, grid)
+
+    def state(self) -> dict:
+        return {f"split/{k}": v for k, v in self.server.state().items()}
+
+    def load_state(self, d: dict) -> None:
+        self.server.load_state({k[len("split/"):]: v for k, v in d.items() if k.startswith("split/")})
+
+    def close(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.httpd = None
+
+
 def make(method: str, expected: dict, lora: dict, *, mu: float = 0.0, fraction_train: float = 1.0,
-         fraction_evaluate: float = 0.0, min_nodes: int = 1, eta: float = 1e-2, tau: float = 1e-3):
-    """The strategy ``method`` over adapters of ``expected`` shapes (wire names)."""
+         fraction_evaluate: float = 0.0, min_nodes: int = 1, eta: float = 1e-2, tau: float = 1e-3,
+         bundle=None, cut: int | None = None, split_host: str = "127.0.0.1", split_port: int = 0,
+         split_tls=(None, None)):
+    """The strategy ``method`` over adapters of ``expected`` shapes (wire names); SplitLoRA
+    also takes the (sharded) ``bundle`` its server half computes with, the ``cut`` and the
+    endpoint's address."""
     common = dict(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                   min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes,
                   min_available_nodes=min_nodes)
@@ -217,6 +325,8 @@ def make(method: str, expected: dict, lora: dict, *, mu: float = 0.0, fraction_t
         s = FedAdamM(eta=eta, eta_l=eta, tau=tau, **common)
     elif method == "flexlora":
         s = FlexLoRAM(lora, **common)
+    elif method == "splitlora":
+        s = SplitLoRAM(bundle, cut, split_host, split_port, split_tls, **common)
     else:
         raise ValueError(f"method={method!r}: expected one of {METHODS}")
     s.setup_screen(expected, ffa=method == "ffa")

@@ -12,34 +12,26 @@ so the spool never grows without bound. One device (one token) per server.
 
 from __future__ import annotations
 
-import hmac
 import json
 import re
-import ssl
 import threading
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 
 from mobiletune.errors import MobiletuneError
 from mobiletune.io import atomic
+from mobiletune.io import http as H
 from mobiletune.io import safetensors as st
+from mobiletune.io.http import Refused
 from mobiletune.runtime.side import protocol as P
 from mobiletune.runtime.side.quantize import LEVELS
 from mobiletune.side.trainer import SideTrainer, info
 
-MAX_BODY = 512 << 20
 BATCH_RE = re.compile(rf"^{P.SESSIONS}/([\w.-]+)/batches/(\d+)$")
 STATUS_RE = re.compile(rf"^{P.SESSIONS}/([\w.-]+)/status$")
 SIDE_RE = re.compile(rf"^{P.SESSIONS}/([\w.-]+)/side$")
-
-
-class Refused(Exception):
-    def __init__(self, code: int, msg: str, **extra):
-        super().__init__(msg)
-        self.code, self.extra = code, extra
 
 
 def read_tokens(path) -> tuple[str, str]:
@@ -132,9 +124,7 @@ class SideService:
 
     # --- requests --------------------------------------------------------------------------------
     def auth(self, header: str | None, device: str | None) -> None:
-        want = f"Bearer {self.token}"
-        if header is None or not hmac.compare_digest(header.encode(), want.encode()):
-            raise Refused(401, "unauthorized: a valid Authorization: Bearer token is needed")
+        H.check_bearer(header, self.token)
         if device is not None and device != self.device:
             raise Refused(401, f"this token is not for device {device!r}")
 
@@ -167,9 +157,7 @@ class SideService:
         return self.status()
 
     def put(self, seq: int, body: bytes, sha: str | None) -> dict:
-        if sha is None or sha != P.sha256(body):
-            raise Refused(400, f"seq {seq}: the body's sha256 does not match {P.SHA_HEADER} "
-                               f"(cut or changed in transit)")
+        H.check_sha(body, sha, f"seq {seq}")
         with self.cond:
             if seq <= self.received:
                 return self.status()  # a retry of what is stored already: idempotent
@@ -213,17 +201,10 @@ class SideService:
                 want[name + "scale"] = (np.float32, (k, n))
             else:
                 want[name + "x"] = (np.float32 if p == "fp32" else np.float16, (k, n, width))
-        for name in sorted(set(want) | set(tensors)):
-            if name not in tensors or name not in want:
-                raise Refused(400, f"seq {seq}: tensor {name!r} is "
-                                   f"{'missing' if name not in tensors else 'not expected'}")
-            dt, shape = want[name]
-            a = tensors[name]
-            if a.dtype != dt or a.shape != shape:
-                raise Refused(400, f"seq {seq}: tensor {name!r} is {a.dtype}{list(a.shape)}, "
-                                   f"expected {np.dtype(dt)}{list(shape)}")
-            if a.dtype.kind == "f" and not np.isfinite(a).all():
-                raise Refused(400, f"seq {seq}: tensor {name!r} has non-finite values")
+        try:
+            H.check_payload(tensors, want, f"seq {seq}")
+        except H.PayloadError as e:
+            raise Refused(400, str(e)) from None
         for name in ("inputs", "targets"):
             a = tensors[name]
             if a.min() < 0 or a.max() >= t.cfg.vocab_size:
@@ -237,76 +218,27 @@ class SideService:
         return (304, b"", sha) if etag == f'"{sha}"' else (200, data, sha)
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class Handler(H.JsonHandler):
     service: SideService
 
-    def log_message(self, fmt, *args):  # quiet: the service logs what matters
-        pass
-
-    def _send(self, code: int, body: bytes | dict, ctype="application/json", headers=None):
-        data = json.dumps(body).encode() if isinstance(body, dict) else body
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _body(self) -> bytes:
-        n = self.headers.get("Content-Length")
-        if n is None or not n.isdigit() or int(n) > MAX_BODY:
-            raise Refused(413 if n and n.isdigit() else 411,
-                          f"a body of at most {MAX_BODY} bytes with its Content-Length is needed")
-        data = self.rfile.read(int(n))
-        if len(data) != int(n):
-            self.close_connection = True
-            raise Refused(400, f"the body ended after {len(data)} of {n} bytes")
-        return data
-
-    def _handle(self, method: str) -> None:
+    def route(self, method: str, path: str):
         s = self.service
-        try:
-            path = self.path.split("?")[0]
-            m = BATCH_RE.match(path) or STATUS_RE.match(path) or SIDE_RE.match(path)
-            s.auth(self.headers.get("Authorization"), m.group(1) if m else None)
-            if method == "POST" and path == P.SESSIONS:
-                return self._send(200, s.open_session(self._body()))
-            if method == "PUT" and BATCH_RE.match(path):
-                status = s.put(int(m.group(2)), self._body(), self.headers.get(P.SHA_HEADER))
-                return self._send(202, status)
-            if method == "GET" and STATUS_RE.match(path):
-                return self._send(200, s.status())
-            if method == "GET" and SIDE_RE.match(path):
-                code, data, sha = s.side(self.headers.get("If-None-Match"))
-                return self._send(code, data, "application/octet-stream", {"ETag": f'"{sha}"'})
-            raise Refused(404, f"no such endpoint: {method} {path}")
-        except Refused as e:
-            headers = {"Retry-After": "1"} if e.code == 429 else {}
-            if e.code >= 400 and e.code not in (429,):
-                s.log(f"refused {method} {self.path}: {e.code} {e}")
-            self._send(e.code, {"error": str(e), **e.extra}, headers=headers)
-
-    def do_GET(self):
-        self._handle("GET")
-
-    def do_POST(self):
-        self._handle("POST")
-
-    def do_PUT(self):
-        self._handle("PUT")
+        m = BATCH_RE.match(path) or STATUS_RE.match(path) or SIDE_RE.match(path)
+        s.auth(self.headers.get("Authorization"), m.group(1) if m else None)
+        if method == "POST" and path == P.SESSIONS:
+            return 200, s.open_session(self.body())
+        if method == "PUT" and BATCH_RE.match(path):
+            return 202, s.put(int(m.group(2)), self.body(), self.headers.get(P.SHA_HEADER))
+        if method == "GET" and STATUS_RE.match(path):
+            return 200, s.status()
+        if method == "GET" and SIDE_RE.match(path):
+            code, data, sha = s.side(self.headers.get("If-None-Match"))
+            return code, data, "application/octet-stream", {"ETag": f'"{sha}"'}
+        raise Refused(404, f"no such endpoint: {method} {path}")
 
 
 def make_server(service: SideService, host: str, port: int, tls_cert=None, tls_key=None):
-    handler = type("SideHandler", (Handler,), {"service": service})
-    httpd = ThreadingHTTPServer((host, port), handler)
-    httpd.daemon_threads = True
-    if tls_cert:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(tls_cert, tls_key)
-        httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-    return httpd
+    return H.make_server(Handler, service, host, port, tls_cert, tls_key)
 
 
 def serve(recipe, out, host: str, port: int, token_file, tls_cert=None, tls_key=None,
@@ -320,7 +252,7 @@ def serve(recipe, out, host: str, port: int, token_file, tls_cert=None, tls_key=
     trainer = SideTrainer(recipe, out, checkpoint_every=checkpoint_every)
     service = SideService(trainer, device, token, max_queue)
     httpd = make_server(service, host, port, tls_cert, tls_key)
-    url = f"{'https' if tls_cert else 'http'}://{host}:{httpd.server_address[1]}"
+    url = H.url_of(httpd, host, bool(tls_cert))
     atomic.write_text(Path(out) / "server.json",
                       json.dumps({"url": url, "pid": os.getpid(), "device": device}) + "\n")
     info(f"side server: {url} (device {device}; recipe {recipe.name})")

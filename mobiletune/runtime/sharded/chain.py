@@ -9,6 +9,9 @@
   dh = norm_bwd(h_L, dhn); dh, dW_i = block_bwd(h_i, dh, W_i)   (recomputes the block)
   [embedding gradient: a host scatter-add, when the embedding trains]
 
+SplitLoRA (``runtime.split``) runs the same chain cut at layer k: ``hidden_states(ids, k)``
+up, the server's dL/dh_k down, ``backward_blocks`` for layers k-1 ... 0.
+
 Memory: the trainable state (or, streamed through ``state_store``, the shard in use: a
 layer's tensors and gradients are released once its signature has run), the boundary
 activations (one (B, T, D) per layer), one layer's widened weights (or one vocabulary
@@ -107,16 +110,39 @@ class ShardedRunner:
     def decode(self, token: int, pos: int, cache) -> np.ndarray:
         return self.decoder().decode(token, pos, cache)
 
-    def hidden_states(self, ids) -> list[np.ndarray]:
-        """The backbone's hidden states h_0 (the embedding) ... h_L (after the last layer),
-        each (k, T, D), for int32 token ids (k, T) — what side-tuning sends."""
+    def hidden_states(self, ids, upto: int | None = None) -> list[np.ndarray]:
+        """The backbone's hidden states h_0 (the embedding) ... h_upto (after layer upto-1;
+        default: all L layers), each (k, T, D), for int32 token ids (k, T) — what
+        side-tuning sends, and SplitLoRA's phone half (h_upto goes up to the server)."""
         ids = np.asarray(ids, np.int32)
         k = len(ids)
         hs = [self._embed(ids)]
-        for i, ly in enumerate(self.lay.layers):
+        for i, ly in enumerate(self.lay.layers[:upto]):
             hs.append(self.call(B.block_fwd_sig(ly.kind, k), {"h": hs[-1], **self._layer_inputs(i)})["h"])
             self._done(i)
         return hs
+
+    def backward_blocks(self, ids, hs: list, dh: np.ndarray) -> None:
+        """Given dL/dh_n for n = len(hs) - 1, run block_bwd for layers n-1 ... 0 (and the
+        embedding's scatter-add when it trains), adding every gradient into the state's
+        accumulators. ``hs`` as ``hidden_states`` returns them."""
+        k, grad = len(ids), self.state.grad
+        for i in reversed(range(len(hs) - 1)):
+            ly = self.lay.layers[i]
+            out = self.call(B.block_bwd_sig(ly.kind, k), {"h": hs[i], "dh": dh,
+                                                           **self._layer_inputs(i)})
+            self._add_grads(ly.prefix, out)
+            self._done(i)
+            dh = out["dh"]
+        emb, pos = self.lay.embed, self.lay.positions
+        if emb in grad or pos in grad:
+            if self.lay.embed_scale is not None:
+                dh = dh * np.float32(self.lay.embed_scale)
+            if emb in grad:
+                np.add.at(grad[emb], ids.reshape(-1), dh.reshape(-1, dh.shape[-1]))
+            if pos in grad:
+                grad[pos][: ids.shape[1]] += dh.sum(0)
+            self.state.release_tensors([emb, pos])
 
     def embed(self, ids) -> np.ndarray:
         return self._embed(np.asarray(ids, np.int32))
@@ -260,23 +286,7 @@ class ShardedRunner:
         out = self.call(B.norm_bwd_sig(k), {"h": hs[-1], "dhn": dhn, **norm})
         self._add_grads("", out)
         self.state.release_tensors(self.lay.norm)
-        dh = out["dh"]
-        for i in reversed(range(len(self.lay.layers))):
-            ly = self.lay.layers[i]
-            out = self.call(B.block_bwd_sig(ly.kind, k), {"h": hs[i], "dh": dh,
-                                                           **self._layer_inputs(i)})
-            self._add_grads(ly.prefix, out)
-            self._done(i)
-            dh = out["dh"]
-        emb, pos = self.lay.embed, self.lay.positions
-        if emb in grad or pos in grad:
-            if self.lay.embed_scale is not None:
-                dh = dh * np.float32(self.lay.embed_scale)
-            if emb in grad:
-                np.add.at(grad[emb], ids.reshape(-1), dh.reshape(-1, dh.shape[-1]))
-            if pos in grad:
-                grad[pos][: ids.shape[1]] += dh.sum(0)
-            self.state.release_tensors([emb, pos])
+        self.backward_blocks(ids, hs, out["dh"])
         return nll, count
 
     def _add_grads(self, prefix: str, out: dict) -> None:

@@ -26,12 +26,12 @@ writes them (``x`` for fp32/fp16; ``q`` and ``scale`` for int8/int4), and metada
 
 from __future__ import annotations
 
-import hashlib
 import json
+
+from mobiletune.io.http import SHA_HEADER, sha256  # noqa: F401 (the wire's names, re-exported)
 
 VERSION = "/v1"
 SESSIONS = f"{VERSION}/sessions"
-SHA_HEADER = "X-Content-SHA256"
 
 
 def status_path(device: str) -> str:
@@ -44,10 +44,6 @@ def batch_path(device: str, seq: int) -> str:
 
 def side_path(device: str) -> str:
     return f"{SESSIONS}/{device}/side"
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def side_config_hash(side_config: dict) -> str:
