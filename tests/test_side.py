@@ -322,6 +322,12 @@ def test_refusals(env, tmp_path):
         wrong = {**good, P.tap_name(1, "x"): np.zeros((k, n, 29), np.float32)}
         with pytest.raises(MobiletuneError, match=r"400.*'tap.1.x' is float32\[2, 16, 29\]"):
             c.put_batch(1, st.dumps(wrong, meta))
+        # the last hidden state travels at side.last_precision (fp32), never at the taps' width
+        int8_last = {**{k_: v for k_, v in good.items() if k_ != P.last_name("x")},
+                     P.last_name("q"): np.zeros((k, n, 30), np.int8),
+                     P.last_name("scale"): np.ones((k, n), np.float32)}
+        with pytest.raises(MobiletuneError, match=r"400.*'last\."):
+            c.put_batch(1, st.dumps(int8_last, meta))
         payload = st.dumps(good, meta)
         status, _, data = c.request("PUT", P.batch_path("phone", 1), payload,
                                     {P.SHA_HEADER: P.sha256(payload[:-1])})

@@ -192,9 +192,9 @@ class SideService:
         n = t.recipe.seq_len
         want = {"inputs": (np.int32, (k, n)), "targets": (np.int32, (k, n)),
                 "loss_mask": (np.float32, (k, n))}
-        p = t.scfg.precision
-        for name, width in [*((P.tap_name(j, ""), t.tap_width) for j in range(len(t.tapped))),
-                            (P.last_name(""), t.cfg.hidden_size)]:
+        for name, width, p in [*((P.tap_name(j, ""), t.tap_width, t.scfg.precision)
+                                 for j in range(len(t.tapped))),
+                               (P.last_name(""), t.cfg.hidden_size, t.scfg.last_precision)]:
             if p in LEVELS:
                 qw = width if p == "int8" else (width + 1) // 2
                 want[name + "q"] = (np.int8 if p == "int8" else np.uint8, (k, n, qw))

@@ -49,7 +49,7 @@ def decode(tensors: dict, meta: dict, cfg, scfg, n_taps: int, tap_width: int):
     taps = [dequantize({k.split(".")[-1]: v for k, v in tensors.items()
                         if k.startswith(P.tap_name(j, ""))}, p, tap_width) for j in range(n_taps)]
     last = dequantize({k.split(".")[-1]: v for k, v in tensors.items()
-                       if k.startswith(P.last_name(""))}, p, cfg.hidden_size)
+                       if k.startswith(P.last_name(""))}, scfg.last_precision, cfg.hidden_size)
     batch = {k: tensors[k] for k in ("inputs", "targets", "loss_mask")}
     return batch, taps, last
 

@@ -155,7 +155,8 @@ class SideDeviceTrainer(DeviceTrainer):
         for j, i in enumerate(self.side.tapped):
             h = hs[i + 1] if self.scfg.width == "full" else pool(hs[i + 1], self.scfg.reduction)
             t.update({P.tap_name(j, part): a for part, a in quantize(h, p).items()})
-        t.update({P.last_name(part): a for part, a in quantize(hs[-1], p).items()})
+        t.update({P.last_name(part): a for part, a in
+                  quantize(hs[-1], self.scfg.last_precision).items()})
         return st.dumps(t, {"seq": self.seq, "k": k, "step": self.step, "done": self.done,
                             "cursor": json.dumps(self.data.state())})
 
