@@ -9,7 +9,8 @@
    three run in turn, ``--rounds`` times (interleaved, so a neighbour's load hits all of
    them alike); a system's s/step is the lowest of its rounds' medians, and the load
    average before each run is recorded.
-2. Bytes per token on the wire for fp32 / fp16 / int8 / int4 and full / pooled width,
+2. Bytes per token on the wire for fp32 / fp16 / int8 / int4 taps and full / pooled width
+   (the last hidden state at the bundle's ``last_precision``, fp32 by default),
    encoded from the bundle's real activations (safetensors bodies; HTTP headers add ~250 B
    per micro-batch).
 3. Time to a target loss through a throttling proxy (5, 20, 100 Mbit/s, phone -> server).
@@ -254,7 +255,8 @@ def bytes_per_token(bundle: Path, data: Path, seq: int) -> dict:
             for j, i in enumerate(m.side.tapped):
                 h = hs[i + 1] if width == "full" else pool(hs[i + 1], 8)
                 t.update({P.tap_name(j, k): v for k, v in quantize(h, p).items()})
-            t.update({P.last_name(k): v for k, v in quantize(hs[-1], p).items()})
+            t.update({P.last_name(k): v for k, v in quantize(hs[-1], m.side.config.get(
+                "last_precision", "fp32")).items()})
             out[f"{p}-{width}"] = len(st.dumps(t, {"seq": 1, "k": 4, "step": 0, "done": 4,
                                                    "cursor": "{}"})) / ids.size
     return out
