@@ -46,6 +46,8 @@ from mobiletune.runtime.split.runner import client_names
 from mobiletune.train.loss import nll_sum
 from mobiletune.train.optim import OptimConfig, make_optimizer
 
+OPTIM = "optim/"   # checkpoint names of the server optimizer's leaves (optax tree paths)
+
 
 def default_cut(num_layers: int) -> int:
     """Half the layers on the phone (at least one on each side)."""
@@ -156,7 +158,7 @@ class SplitServer:
     def state(self) -> dict:
         out = {f"lora/{t}": np.asarray(v) for t, v in self.lora.items()}
         paths, _ = jax.tree_util.tree_flatten_with_path(self.opt_state)
-        out.update({f"opt/{leaf_path(p)}": np.asarray(v) for p, v in paths})
+        out.update({OPTIM + leaf_path(p): np.asarray(v) for p, v in paths})
         out["step"] = np.asarray(self.step, np.int64)
         return out
 
@@ -168,7 +170,7 @@ class SplitServer:
         paths, treedef = jax.tree_util.tree_flatten_with_path(self.tx.init(self.lora))
         leaves = []
         for p, v in paths:
-            k = f"opt/{leaf_path(p)}"
+            k = OPTIM + leaf_path(p)
             if k not in d or np.shape(d[k]) != np.shape(v):
                 raise MobiletuneError(f"split server checkpoint: key {k!r} is missing or has "
                                       f"another shape")
