@@ -151,8 +151,9 @@ def median(xs):
 
 
 def smoothed(losses: list) -> list:
-    return [sum(losses[max(0, i + 1 - SMOOTH):i + 1]) / len(losses[max(0, i + 1 - SMOOTH):i + 1])
-            for i in range(len(losses))]
+    """The trailing mean of the last ``SMOOTH`` losses at every step."""
+    windows = (losses[max(0, i + 1 - SMOOTH):i + 1] for i in range(len(losses)))
+    return [sum(w) / len(w) for w in windows]
 
 
 def first_at(times: list, losses: list, target: float):

@@ -114,8 +114,7 @@ class FileStore:
 
     def release(self, *arrays) -> None:
         """Drop the pages under ``arrays`` (contiguous views into this store) from the
-        resident set;
-        their contents stay (page cache, then the file)."""
+        resident set; their contents stay (page cache, then the file)."""
         for a in arrays:
             if a.size == 0:
                 continue
