@@ -29,7 +29,8 @@ from mobiletune.train.optim import make_optimizer  # noqa: E402
 from mobiletune.train.setup import build_steps  # noqa: E402
 from tests.fed_helpers import SEQ, fed_bundle, fed_recipe  # noqa: E402
 
-TOKEN = "0123456789abcdef0123456789abcdef"
+SECRET = "0123456789abcdef0123456789abcdef"
+TOKEN = P.device_token(SECRET, "d0")     # device d0's own bearer token
 CUT = 2
 
 
@@ -86,7 +87,7 @@ def rel_err(got, want) -> float:
 def test_one_split_step_equals_jax_grad_of_the_whole_model(ref):
     steps, tr, fr = ref
     srv = server(tr)
-    svc = SP.SplitService(srv, TOKEN)
+    svc = SP.SplitService(srv, SECRET)
     sr = SplitRunner(phone(tr), CUT, SP.DirectLink(svc, "d0"))
     b = batch(1)
     nll, count = sr.accumulate(b)
@@ -111,7 +112,7 @@ def test_steps_of_two_clients_equal_a_single_process_jax_reference(ref):
     divides by the token count, clips its own gradient and steps the recipe's AdamW."""
     steps, tr, fr = ref
     srv = server(tr)
-    svc = SP.SplitService(srv, TOKEN)
+    svc = SP.SplitService(srv, SECRET)
     mine = client_names(phone(tr).manifest, CUT)
     optim = fed_recipe(4).optim
     tx = make_optimizer(optim, steps.cfg.family)
@@ -187,9 +188,9 @@ def test_a_split_step_over_loopback_https_with_token_auth(ref, tmp_path):
     certs = self_signed_cert(tmp_path)
     steps, tr, fr = ref
     b = batch(3)
-    direct = SplitRunner(phone(tr, 1), CUT, SP.DirectLink(SP.SplitService(server(tr), TOKEN), "d0"))
+    direct = SplitRunner(phone(tr, 1), CUT, SP.DirectLink(SP.SplitService(server(tr), SECRET), "d0"))
     want = direct.accumulate(b)
-    svc = SP.SplitService(server(tr), TOKEN)     # the same server, reset
+    svc = SP.SplitService(server(tr), SECRET)     # the same server, reset
     httpd, url = SP.start(svc, "127.0.0.1", 0, certs / "cert.pem", certs / "key.pem")
     try:
         assert url.startswith("https://127.0.0.1:")
@@ -205,9 +206,16 @@ def test_a_split_step_over_loopback_https_with_token_auth(ref, tmp_path):
         assert svc.take_bytes() == ({"d0": sr.bytes_up}, {"d0": sr.bytes_down})
         sr.apply()
         assert svc.server.step == 1
+        zeros = P.encode({"h": np.zeros((2, SEQ, 30), np.float32)})
         bad = SplitClient(url, "f" * 32, "d0", cafile=certs / "cert.pem", log=lambda m: None)
         with pytest.raises(MobiletuneError, match="401"):
-            bad.exchange(2, 0, P.encode({"h": np.zeros((2, SEQ, 30), np.float32)}))
+            bad.exchange(2, 0, zeros)
+        # d0's token does not authenticate another device, nor d1's token d0
+        for token, dev in ((TOKEN, "d1"), (P.device_token(SECRET, "d1"), "d0")):
+            other = SplitClient(url, token, dev, cafile=certs / "cert.pem", log=lambda m: None)
+            with pytest.raises(MobiletuneError, match="401"):
+                other.exchange(2, 0, zeros)
+        assert svc.server.step == 1 and svc.open_device is None   # nothing was accumulated
         h = sr.inner.hidden_states(b["inputs"], CUT)[-1]
         body = P.encode({"h": h[:, :, :-1], "targets": b["targets"], "loss_mask": b["loss_mask"]})
         with pytest.raises(MobiletuneError, match=r"400.*tensor 'h' is float32\[2, 16, 29\], "
@@ -220,7 +228,7 @@ def test_a_split_step_over_loopback_https_with_token_auth(ref, tmp_path):
 
 def test_wrong_shaped_payloads_are_refused_naming_the_tensor(ref):
     _, tr, _ = ref
-    svc = SP.SplitService(server(tr), TOKEN)
+    svc = SP.SplitService(server(tr), SECRET)
     b = batch(4)
     good = {"h": np.zeros((2, SEQ, 30), np.float32), "targets": b["targets"],
             "loss_mask": b["loss_mask"]}

@@ -108,12 +108,13 @@ def train(msg: Message, run: Path, pid: int) -> Message:
 
 def split_link(conf: ConfigRecord, pid: int, log, cafile=None):
     """SplitLoRA: the phone's HTTP link to the server's cut endpoint named in the round's
-    config (its URL and the run's bearer token); ``cafile``: the endpoint's certificate."""
+    config (its URL and this device's bearer token); ``cafile``: the endpoint's certificate."""
+    from mobiletune.runtime.split.protocol import device_name
     from mobiletune.runtime.split.runner import SplitClient
     for k in ("split-url", "split-token", "split-cut"):
         if k not in conf:
             raise RuntimeError(f"a SplitLoRA round's config lacks {k!r}")
-    return SplitClient(str(conf["split-url"]), str(conf["split-token"]), f"client-{pid:03d}",
+    return SplitClient(str(conf["split-url"]), str(conf["split-token"]), device_name(pid),
                        cafile=cafile, log=log)
 
 

@@ -184,16 +184,20 @@ class SplitService:
     """The server's state behind the HTTP handler: auth, one open step at a time, retries
     answered from the last answer, and the bytes each way per device."""
 
-    def __init__(self, server: SplitServer, token: str, log=None):
-        if len(token) < 16:
-            raise MobiletuneError("split server: the token is shorter than 16 characters")
-        self.server, self.token, self.log = server, token, log or (lambda m: None)
+    def __init__(self, server: SplitServer, secret: str, log=None):
+        if len(secret) < 16:
+            raise MobiletuneError("split server: the secret is shorter than 16 characters")
+        self.server, self.secret, self.log = server, secret, log or (lambda m: None)
         self.lock = threading.Lock()
         self.open_device: str | None = None
         self.last: tuple | None = None           # ((device, step, micro), answer)
         self.last_apply: tuple | None = None     # ((device, step), answer)
         self.bytes_up: dict[str, int] = {}
         self.bytes_down: dict[str, int] = {}
+
+    def token_for(self, device: str) -> str:
+        """The bearer token ``device`` must present (``protocol.device_token``)."""
+        return P.device_token(self.secret, device)
 
     def exchange(self, device: str, step: int, micro: int, body: bytes, sha: str | None) -> bytes:
         where = f"split {device} step {step} micro-batch {micro}"
@@ -267,7 +271,9 @@ class SplitHandler(H.JsonHandler):
 
     def route(self, method: str, path: str):
         s = self.service
-        H.check_bearer(self.headers.get("Authorization"), s.token)
+        m = EXCHANGE_RE.match(path) or APPLY_RE.match(path)
+        # each device authenticates as itself; a path naming no device matches no token
+        H.check_bearer(self.headers.get("Authorization"), s.token_for(m.group(1) if m else ""))
         m = EXCHANGE_RE.match(path)
         if method == "PUT" and m:
             return 200, s.exchange(m.group(1), int(m.group(2)), int(m.group(3)), self.body(),

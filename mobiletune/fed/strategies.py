@@ -263,10 +263,14 @@ class SplitLoRAM(Screened, FedAvg):
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, size)
         self.query_nodes(grid, node_ids)
         order = sorted(node_ids, key=lambda n: (int(self.props.get(n, {}).get("partition-id", 1 << 30)), n))
-        config = ConfigRecord({**dict(config), "server-round": server_round,
-                               "split-url": self._endpoint(), "split-token": self.service.token,
-                               "split-cut": self.server.cut})
-        msgs = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n,
+        from mobiletune.runtime.split.protocol import device_name
+
+        def config_of(n):   # each phone gets the token of its own device name
+            pid = int(self.props.get(n, {}).get("partition-id", -1))
+            return ConfigRecord({**dict(config), "server-round": server_round,
+                                 "split-url": self._endpoint(), "split-cut": self.server.cut,
+                                 "split-token": self.service.token_for(device_name(pid))})
+        msgs = [Message(RecordDict({"arrays": arrays, "config": config_of(n)}), dst_node_id=n,
                         message_type=MessageType.TRAIN) for n in order]
         self.bytes_down = _bytes(msgs)
         self.service.take_bytes()

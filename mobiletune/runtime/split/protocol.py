@@ -1,7 +1,9 @@
 """The SplitLoRA wire contract, imported by the phone and the server alike. It rides on
 the side-tuning transport (``mobiletune.io.http``: HTTP/1.1, TLS where configured, a bearer
 token on every request (401 otherwise), safetensors bodies with their sha256 in
-``X-Content-SHA256``).
+``X-Content-SHA256``). The token is the device's own: HMAC-SHA256(the server's secret,
+``{device}``), handed to each phone in its round's config, so a phone can only act under
+its own name (``device_token``).
 
   PUT  /v1/split/{device}/steps/{step}/micro/{j}   the cut activation of micro-batch j of
         optimizer step ``step``: UP = {"h": float32 (k, T, D) = h_cut, "targets": int32
@@ -22,12 +24,25 @@ private in this mode (as in SplitLoRA and SplitFed).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 import numpy as np
 
 from mobiletune.io import http as H
 from mobiletune.io import safetensors as st
 
 SPLIT = "/v1/split"
+
+
+def device_name(partition_id: int) -> str:
+    """The name a federated client uses on the split endpoint (its data partition)."""
+    return f"client-{partition_id:03d}"
+
+
+def device_token(secret: str, device: str) -> str:
+    """The bearer token of ``device``: HMAC-SHA256 of its name under the server's secret."""
+    return hmac.new(secret.encode(), device.encode(), hashlib.sha256).hexdigest()
 
 
 def exchange_path(device: str, step: int, micro: int) -> str:
