@@ -46,6 +46,18 @@ def test_protocols_on_known_logs(tmp_path):
     for f in ("quality-under-budget.md", "cost-to-target.md", "robustness.md",
               "quality_vs_bytes.png", "quality_vs_wall.png"):
         assert (tmp_path / "out" / f).stat().st_size > 0
+    # per round: fedavg's 3 rounds spent 300 B, 30 s, 15 J -> 1e-4 MB, 10 s, 5 J a round
+    line = next(x for x in (tmp_path / "out" / "rounds.md").read_text().splitlines()
+                if x.startswith("| fedavg"))
+    assert line == "| fedavg | 50.00 / 40.00 / 30.00 / 20.00 | 0.400 | 0.000 | 10.000 | 5.000 | 103.000 |"
+
+
+def test_all_without_perturbed_runs_scores_the_other_protocols(tmp_path):
+    runs = {"a": write(tmp_path / "a", rows([50, 40], 10, 1.0, 1.0)),
+            "b": write(tmp_path / "b", rows([50, 45], 5, 1.0, 1.0))}
+    res = bench("all", runs, tmp_path / "o")
+    assert set(res) == {"quality-under-budget", "cost-to-target"}
+    assert not (tmp_path / "o" / "robustness.md").exists()
 
 
 def test_a_target_never_reached_is_infinite(tmp_path):

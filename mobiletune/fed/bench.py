@@ -11,9 +11,11 @@ definitions were not available offline):
   whose held-out perplexity is at most the target (default: the local-only run's final
   perplexity when there is one, else the median final); ∞ if never reached.
 * **robustness**: each perturbed run (dropouts, stragglers, battery traces) against the
-  clean run: final perplexity and accuracy, and their cost, relative to the clean one.
+  clean run: final perplexity and accuracy, and their cost, relative to the clean one
+  (``all`` scores it only when a clean run is named, i.e. there are perturbed runs).
 
-Writes ``OUT/<protocol>.md`` and ``.json`` and the figures ``quality_vs_bytes.png`` and
+Writes ``OUT/<protocol>.md`` and ``.json``, ``OUT/rounds.md`` (every run round by round:
+held-out perplexity, and bytes, wall-clock and energy per round) and the figures ``quality_vs_bytes.png`` and
 ``quality_vs_wall.png`` (held-out perplexity against cumulative bytes and wall-clock, one
 line per run).
 """
@@ -128,6 +130,20 @@ def markdown(protocol: str, res: dict) -> str:
                       "energy / clean", "failed", "rejected"], rows))
 
 
+def per_round(runs: dict[str, list[dict]]) -> str:
+    """One row per run: held-out perplexity after each round (round 0: the start), and the
+    mean per round of bytes (both ways), simulated wall-clock and client energy."""
+    n = max(len(r) for r in runs.values())
+    rows = []
+    for name, rs in runs.items():
+        last, k = rs[-1], max(len(rs) - 1, 1)
+        rows.append([name, " / ".join(f"{r['val-ppl']:.2f}" for r in rs), last.get("mc-acc"),
+                     last["bytes-total"] / k / 1e6, last["wall-s"] / k, last["energy-j-total"] / k,
+                     max(r.get("peak-rss-mb", 0.0) for r in rs)])
+    return _table(["run", f"held-out ppl after rounds 0…{n - 1}", "acc (last)", "MB / round",
+                   "wall s / round", "energy J / round", "peak client RSS MB"], rows)
+
+
 def figures(runs: dict[str, list[dict]], out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -158,7 +174,10 @@ def bench(protocol: str, runs: dict[str, Path], out, clean: str | None = None, *
     out.mkdir(parents=True, exist_ok=True)
     data = {n: load(d) for n, d in runs.items()}
     results = {}
-    for p in PROTOCOLS if protocol == "all" else (protocol,):
+    todo = PROTOCOLS if protocol == "all" else (protocol,)
+    if protocol == "all" and clean is None:
+        todo = todo[:2]              # robustness needs perturbed runs and their clean one
+    for p in todo:
         if p == "quality-under-budget":
             res = quality_under_budget(data, kw.get("budget_bytes"), kw.get("budget_wall"),
                                        kw.get("budget_energy"))
@@ -173,5 +192,6 @@ def bench(protocol: str, runs: dict[str, Path], out, clean: str | None = None, *
         atomic.write_text(out / f"{p}.json", json.dumps(res, indent=1, default=str) + "\n")
         atomic.write_text(out / f"{p}.md", f"# {p}\n\n" + markdown(p, res))
         results[p] = res
+    atomic.write_text(out / "rounds.md", "# rounds\n\n" + per_round(data))
     figures(data, out)
     return results

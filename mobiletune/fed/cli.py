@@ -167,7 +167,7 @@ def cmd_bench(args) -> int:
     res = bench(args.protocol, runs, out, clean, budget_bytes=args.budget_bytes,
                 budget_wall=args.budget_wall, budget_energy=args.budget_energy,
                 target_ppl=args.target_ppl)
-    for p in res:
+    for p in [*res, "rounds"]:
         print((out / f"{p}.md").read_text())
     return 0
 
