@@ -5,7 +5,8 @@ and every LoRA gradient of ``jax.grad`` of the whole model (≤ 1e-5 relative pe
 its largest |g|); a few steps of two clients on the shared server adapter equal a
 single-process JAX run of the same schedule (≤ 1e-5 absolute); the same step over loopback
 HTTPS with token auth; wrong-shaped payloads refused naming the tensor; the server half
-resumes from its checkpointed state; one simulated federated round on 2 clients."""
+resumes from its checkpointed state; two simulated federated rounds on 2 clients, and a
+ServerApp killed after round 1 resumes to the same final adapter."""
 
 import dataclasses
 
@@ -263,16 +264,25 @@ def test_wrong_shaped_payloads_are_refused_naming_the_tensor(ref):
         client_names(dataclasses.replace(sr.manifest, sharded=None), 1)
 
 
-def test_one_simulated_splitlora_round_on_two_clients(tmp_path):
-    """Flower's simulation engine: 2 phones (Ray actors, LiteRT, HTTP to the ServerApp's
-    cut endpoint on 127.0.0.1) train one round of 2 steps one after the other."""
+@pytest.fixture(scope="module")
+def split2(tmp_path_factory):
+    """Two SplitLoRA rounds of 2 clients on Flower's simulation engine, uninterrupted."""
     pytest.importorskip("ray")
     from mobiletune.fed.sim import simulate
-    from tests.fed_helpers import final_adapter, log_rows, make_run
-    run = make_run(tmp_path / "split", "splitlora", clients=2, rounds=1, kind="sharded", cut=CUT)
+    from tests.fed_helpers import make_run
+    run = make_run(tmp_path_factory.mktemp("split") / "run", "splitlora", clients=2, rounds=2,
+                   kind="sharded", cut=CUT)
     simulate(run, 2)
+    return run
+
+
+def test_simulated_splitlora_rounds_on_two_clients(split2):
+    """Flower's simulation engine: 2 phones (Ray actors, LiteRT, HTTP to the ServerApp's
+    cut endpoint on 127.0.0.1) train rounds of 2 steps one after the other."""
+    from tests.fed_helpers import final_adapter, log_rows
+    run = split2
     rows = log_rows(run)
-    assert [r["round"] for r in rows] == [0, 1]
+    assert [r["round"] for r in rows] == [0, 1, 2]
     r1 = rows[1]
     assert r1["accepted"] == 2 and not r1["rejected"] and not r1["failed"], r1
     c = r1["clients"]
@@ -293,3 +303,38 @@ def test_one_simulated_splitlora_round_on_two_clients(tmp_path):
             assert np.abs(got[k] - init[k]).max() > 0, k
     print(f"splitlora round 1: bytes up {r1['bytes-up']} (cut {r1['cut-bytes-up']}), "
           f"down {r1['bytes-down']} (cut {r1['cut-bytes-down']})")
+
+
+def test_killed_splitlora_server_resumes_with_the_same_final_adapter(split2, tmp_path):
+    """SIGKILL of the ServerApp (and the Ray actors it started) after round 1 is logged;
+    the resumed run (the server half from its round-1 checkpoint, the phones rewound to
+    the round's start) ends with the uninterrupted run's adapter, both halves."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mobiletune.fed.sim import simulate
+    from tests.fed_helpers import final_adapter, log_rows, make_run
+    run = make_run(tmp_path / "killed", "splitlora", clients=2, rounds=2, kind="sharded", cut=CUT)
+    code = f"from mobiletune.fed.sim import simulate; simulate({str(run)!r}, 2)"
+    p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and p.poll() is None:
+            if (run / "metrics.jsonl").exists() and any(r["round"] == 1 for r in log_rows(run)):
+                break
+            time.sleep(0.05)
+        assert p.poll() is None, "the run ended before round 1 was logged"
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=60)
+    assert max(r["round"] for r in log_rows(run)) < 2
+    simulate(run, 2)
+    assert [r["round"] for r in log_rows(run)] == [0, 1, 2]
+    a, b = final_adapter(split2), final_adapter(run)
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
