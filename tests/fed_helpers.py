@@ -93,3 +93,27 @@ def final_adapter(run: Path) -> dict:
 def log_rows(run: Path) -> list[dict]:
     import json
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def kill_server_after_round(run: Path, clients: int, rnd: int = 1, timeout_s: float = 240) -> None:
+    """Run ``simulate(run, clients)`` in a process of its own session, SIGKILL it (and the
+    Ray processes it started) as soon as round ``rnd`` is logged; fails if it ended first."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    code = f"from mobiletune.fed.sim import simulate; simulate({str(run)!r}, {clients})"
+    p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and p.poll() is None:
+            if (run / "metrics.jsonl").exists() and any(r["round"] == rnd for r in log_rows(run)):
+                break
+            time.sleep(0.05)
+        assert p.poll() is None, f"the run ended before round {rnd} was logged"
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=60)
+    assert max(r["round"] for r in log_rows(run)) == rnd

@@ -4,11 +4,6 @@ round resumes from its checkpoint and ends with the same adapter as an uninterru
 FlexLoRA with heterogeneous ranks and dropouts completes its rounds with failures logged;
 FFA-LoRA moves only B (half the bytes) and leaves A at the shared init."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +12,7 @@ pytest.importorskip("ray")
 pytest.importorskip("tensorflow")
 
 from mobiletune.fed.sim import simulate  # noqa: E402
-from tests.fed_helpers import fed_bundle, final_adapter, log_rows, make_run  # noqa: E402
+from tests.fed_helpers import fed_bundle, final_adapter, kill_server_after_round, log_rows, make_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,20 +42,7 @@ def test_fedprox_mu0_equals_fedavg(fedavg3, tmp_path):
 
 def test_killed_server_resumes_with_the_same_final_adapter(fedavg3, tmp_path):
     run = make_run(tmp_path / "killed", "fedavg", rounds=2)
-    code = f"from mobiletune.fed.sim import simulate; simulate({str(run)!r}, 2)"
-    p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and p.poll() is None:
-            if (run / "metrics.jsonl").exists() and any(r["round"] == 1 for r in log_rows(run)):
-                break
-            time.sleep(0.05)
-        assert p.poll() is None, "the run ended before round 1 was logged"
-    finally:
-        os.killpg(p.pid, signal.SIGKILL)     # the server and the Ray processes it started
-        p.wait(timeout=60)
-    assert max(r["round"] for r in log_rows(run)) < 2
+    kill_server_after_round(run, 2)
     simulate(run, 2)
     rows = log_rows(run)
     assert [r["round"] for r in rows] == [0, 1, 2]

@@ -309,29 +309,10 @@ def test_killed_splitlora_server_resumes_with_the_same_final_adapter(split2, tmp
     """SIGKILL of the ServerApp (and the Ray actors it started) after round 1 is logged;
     the resumed run (the server half from its round-1 checkpoint, the phones rewound to
     the round's start) ends with the uninterrupted run's adapter, both halves."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from mobiletune.fed.sim import simulate
-    from tests.fed_helpers import final_adapter, log_rows, make_run
+    from tests.fed_helpers import final_adapter, kill_server_after_round, log_rows, make_run
     run = make_run(tmp_path / "killed", "splitlora", clients=2, rounds=2, kind="sharded", cut=CUT)
-    code = f"from mobiletune.fed.sim import simulate; simulate({str(run)!r}, 2)"
-    p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and p.poll() is None:
-            if (run / "metrics.jsonl").exists() and any(r["round"] == 1 for r in log_rows(run)):
-                break
-            time.sleep(0.05)
-        assert p.poll() is None, "the run ended before round 1 was logged"
-    finally:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait(timeout=60)
-    assert max(r["round"] for r in log_rows(run)) < 2
+    kill_server_after_round(run, 2)
     simulate(run, 2)
     assert [r["round"] for r in log_rows(run)] == [0, 1, 2]
     a, b = final_adapter(split2), final_adapter(run)
