@@ -119,6 +119,9 @@ def test_kit_installs_offline(kit):
     assert any("aarch64" in w and "ai_edge_litert" in w for w in kit["wheels"]), kit["wheels"]
     assert any(w.startswith("mobiletune-") for w in kit["wheels"])
     assert "installed." in kit["setup_output"]
+    # without --fed: no Flower in the kit, nor in what setup.sh suggests
+    assert kit["fed"] is False and not any(w.startswith(("flwr-", "grpcio-")) for w in kit["wheels"])
+    assert "flower-supernode" not in kit["setup_output"]
 
 
 def test_kit_setup_refuses_termux_and_other_architectures(arm, kit):
@@ -330,6 +333,7 @@ def fed_kit(arm):
     info["install_seconds"] = time.perf_counter() - t0
     print(f"arm64: the --fed kit installed in {info['install_seconds']:.0f} s", file=sys.stderr)
     assert r.returncode == 0, r.stdout + r.stderr
+    info["setup_output"] = r.stdout
     return info
 
 
@@ -340,6 +344,7 @@ def test_fed_kit_carries_plain_flower(fed_kit):
     assert f"flwr-{pin}-py3-none-any.whl" in fed_kit["wheels"]
     assert any(w.startswith("grpcio-") and "aarch64" in w for w in fed_kit["wheels"]), fed_kit["wheels"]
     assert not any(w.startswith("ray-") for w in fed_kit["wheels"])      # no simulation engine
+    assert "installed." in fed_kit["setup_output"] and "flower-supernode" in fed_kit["setup_output"]
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("ssh-keygen") is None,

@@ -177,7 +177,8 @@ def build_kit(bundle, out, pythons=PYTHONS, wheel=None, tar: bool = True, fed: b
                                       .replace("@PYTHONS@", " ".join(pythons))
                                       .replace("@MIN_GLIBC@", MIN_GLIBC)
                                       .replace("@EXTRA@", " ".join(f"'{r}'" for r in extra))
-                                      .replace("@IMPORTS@", ", flwr.clientapp" if fed else ""),
+                                      .replace("@IMPORTS@", ", flwr.clientapp" if fed else "")
+                                      .replace("@NEXT@", NEXT_FED if fed else ""),
                                       encoding="utf-8")
         (tmp / "setup.sh").chmod(0o755)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -248,5 +249,7 @@ echo "creating $VENV (Python $pyver, glibc $glibc)"
   || fail "the installed runtime does not import"
 echo "installed. Next:"
 echo "  $VENV/bin/python -m mobiletune.runtime doctor $KIT/bundle"
-echo "  $VENV/bin/python -m mobiletune.runtime train $KIT/bundle --data YOUR.txt --out run"
+echo "  $VENV/bin/python -m mobiletune.runtime train $KIT/bundle --data YOUR.txt --out run"@NEXT@
 """
+NEXT_FED = ('\necho "  $VENV/bin/flower-supernode --root-certificates ca.crt --superlink HOST:9190 '
+            '--auth-supernode-private-key KEY --node-config \\"partition-id=I run-dir=\'RUN\'\\""')
