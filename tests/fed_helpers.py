@@ -1,11 +1,18 @@
 """What the federated tests share: tiny LoRA bundles (exported once per process, a
 prime-sized random Llama with GPT-2's tokenizer, warmup + cosine schedule so the schedule
-position matters), small client texts, and the numpy references."""
+position matters), small client texts, the numpy references, and the pieces of a loopback
+deployment (ports, processes stopped by process group, bounded waits)."""
 
 from __future__ import annotations
 
 import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +124,90 @@ def kill_server_after_round(run: Path, clients: int, rnd: int = 1, timeout_s: fl
         os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=60)
     assert max(r["round"] for r in log_rows(run)) == rnd
+
+
+# --- a loopback deployment (tests/test_fed_deploy.py, tests/test_arm64.py) -------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def flower_pin() -> str:
+    """The Flower version pyproject's ``fed`` extra pins (read from the file, independently of
+    the code under test)."""
+    import re
+    return re.search(r'"flwr\[simulation\]==([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Procs:
+    """Processes started each in its own session (logs ``d/NAME.log``), stopped by process
+    group id."""
+
+    def __init__(self, d: Path, env: dict):
+        self.d, self.env, self.p = d, env, {}
+
+    def start(self, name, cmd):
+        log = open(self.d / f"{name}.log", "w")
+        self.p[name] = subprocess.Popen(cmd, cwd=self.d, env=self.env, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        return self.p[name]
+
+    def stop(self, name, sig=signal.SIGTERM):
+        p = self.p[name]
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+
+    def stop_all(self):
+        for name in list(self.p):
+            self.stop(name, signal.SIGKILL)
+
+
+def wait_for(pred, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def deploy_env(d: Path, port: int, ca) -> dict:
+    """The environment of this machine's Flower processes (this checkout importable, the
+    venv's ``flower-*`` tools on PATH), and ``flwr``'s config naming the SuperLink."""
+    from mobiletune.fed import deploy as D
+    D.write_flwr_config(d / "flwr-home", f"127.0.0.1:{port}", ca)
+    return {**os.environ, **D.ENV, "FLWR_HOME": str(d / "flwr-home"),
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+
+
+def registered(d: Path, env: dict, key: Path) -> bool:
+    """Registers ``key.pub`` with the SuperLink; True once it answers that it did."""
+    from mobiletune.fed import deploy as D
+    r = subprocess.run(D.register_cmd(f"{key}.pub"), cwd=d, env=env, capture_output=True, text=True)
+    return r.returncode == 0 and "registered successfully" in r.stdout
+
+
+def online(d: Path, env: dict) -> int:
+    """How many SuperNodes the SuperLink lists as online (``flwr supernode list``)."""
+    import json
+    r = subprocess.run(["flwr", "supernode", "list", "deploy", "--format", "json"], cwd=d, env=env,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return 0
+    try:
+        nodes = json.loads(r.stdout[r.stdout.index("{"):])["nodes"]
+    except (ValueError, KeyError):
+        return 0
+    return sum(n["status"] == "online" for n in nodes)

@@ -9,6 +9,7 @@ skips with the reason, and fails with it under CI=true.
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,7 +66,8 @@ def bundles(arm):
     side = dataclasses.replace(recipe, lora=None, side=SideConfig(reduction=2, precision="int8"))
     write_recipe(w / "side.py", side)
     export_side(side, w / "side", variants=(1, 2))
-    return {"mono": w / "mono", "sharded": w / "sharded", "side": w / "side", "model": model}
+    return {"mono": w / "mono", "sharded": w / "sharded", "side": w / "side", "model": model,
+            "recipe": recipe}
 
 
 @pytest.fixture(scope="session")
@@ -117,6 +119,9 @@ def test_kit_installs_offline(kit):
     assert any("aarch64" in w and "ai_edge_litert" in w for w in kit["wheels"]), kit["wheels"]
     assert any(w.startswith("mobiletune-") for w in kit["wheels"])
     assert "installed." in kit["setup_output"]
+    # without --fed: no Flower in the kit, nor in what setup.sh suggests
+    assert kit["fed"] is False and not any(w.startswith(("flwr-", "grpcio-")) for w in kit["wheels"])
+    assert "flower-supernode" not in kit["setup_output"]
 
 
 def test_kit_setup_refuses_termux_and_other_architectures(arm, kit):
@@ -138,16 +143,41 @@ def test_runtime_in_the_kit_imports_no_desktop_frameworks(arm, kit):
     assert r.stdout.split() == ["aarch64", "[]"], r.stdout
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_training_on_arm64_equals_x86(runs, kind):
-    x, a = runs[kind]
+def assert_same_training(x, a, steps=STEPS):
+    """Run dirs ``x`` (x86) and ``a`` (arm64): per-step losses and the final state (trainable
+    tensors, optimizer moments, counters) within 1e-5."""
     lx, la = losses(x), losses(a)
-    assert len(lx) == len(la) == STEPS
+    assert len(lx) == len(la) == steps
     assert max(abs(p - q) for p, q in zip(lx, la)) <= 1e-5, (lx, la)
     sx, sa = st.load(x / "state.safetensors"), st.load(a / "state.safetensors")
     assert sx.keys() == sa.keys()
     for k in sx:
         np.testing.assert_allclose(sa[k], sx[k], rtol=0, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_on_arm64_equals_x86(runs, kind):
+    assert_same_training(*runs[kind])
+
+
+@pytest.fixture(scope="session")
+def full_ft(arm, bundles):
+    """A sharded full fine-tuning bundle: the same tiny model and recipe, no LoRA."""
+    from export.sharded_bundle import export_sharded
+    export_sharded(dataclasses.replace(bundles["recipe"], lora=None), arm.work / "sharded-full",
+                   variants=(1, 2))
+    return arm.work / "sharded-full"
+
+
+def test_full_finetune_streamed_from_disk_on_arm64_equals_x86_in_ram(arm, full_ft, kit):
+    """``--state-store disk`` on arm64 (params, grads and moments in the unlinked, madvised
+    file) trains as ``--state-store ram`` on x86."""
+    steps, w = 3, arm.work
+    rx = x86_cmd(train_args(full_ft, w / "data.txt", w / "x86-full-ram", steps, "--state-store", "ram"))
+    ra = arm_cmd(arm, train_args(arm.inside(full_ft), "/work/data.txt", "/work/arm-full-disk", steps,
+                                 "--state-store", "disk"))
+    assert "state: streamed through" in ra.stderr and "streamed" not in rx.stderr, ra.stderr[-2000:]
+    assert_same_training(w / "x86-full-ram", w / "arm-full-disk", steps)
 
 
 def _ppl(model, adapter, data) -> float:
@@ -285,3 +315,110 @@ def test_doctor_on_arm64(arm, bundles, kit):
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     assert "aarch64" in r.stdout and "XNNPACK:" in r.stdout and "predicted step" in r.stdout
     assert "ok: no problems found" in r.stdout
+
+
+FED_VENV = "/work/fedvenv"       # inside the arm64 root: the --fed kit's runtime + Flower
+
+
+@pytest.fixture(scope="session")
+def fed_kit(arm):
+    """The federated tests' tiny bundle packed with ``--fed`` (runtime + plain Flower) and
+    installed in its own venv in the arm64 root, with no network."""
+    from mobiletune.runtime.kit import build_kit
+    from tests.fed_helpers import fed_bundle
+    info = build_kit(fed_bundle("mono"), arm.work / "fedkit", pythons=("3.11",), tar=False,
+                     fed=True, log=lambda s: print(s, file=sys.stderr))
+    t0 = time.perf_counter()
+    r = arm.run(["/bin/sh", "/work/fedkit/setup.sh", FED_VENV], network=False, timeout=900)
+    info["install_seconds"] = time.perf_counter() - t0
+    print(f"arm64: the --fed kit installed in {info['install_seconds']:.0f} s", file=sys.stderr)
+    assert r.returncode == 0, r.stdout + r.stderr
+    info["setup_output"] = r.stdout
+    return info
+
+
+def test_fed_kit_carries_plain_flower(fed_kit):
+    from tests.fed_helpers import flower_pin
+    pin = flower_pin()
+    assert fed_kit["fed"] is True and f"flwr=={pin}" in fed_kit["requirements"]
+    assert f"flwr-{pin}-py3-none-any.whl" in fed_kit["wheels"]
+    assert any(w.startswith("grpcio-") and "aarch64" in w for w in fed_kit["wheels"]), fed_kit["wheels"]
+    assert not any(w.startswith("ray-") for w in fed_kit["wheels"])      # no simulation engine
+    assert "installed." in fed_kit["setup_output"] and "flower-supernode" in fed_kit["setup_output"]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("ssh-keygen") is None,
+                    reason="needs openssl and ssh-keygen")
+def test_flower_supernode_on_arm64_in_a_tls_deployment_equals_the_simulation(arm, fed_kit):
+    """An x86 SuperLink (TLS, SuperNode authentication), one SuperNode in the arm64 root (the
+    --fed kit's venv, its own copy of the run directory naming the kit's bundle) and one on x86,
+    ``flwr run`` of two FedAvg rounds: the arm64 node trains in both rounds, and the final
+    global adapter equals the same run on Flower's simulation engine (all x86) within 1e-5."""
+    pytest.importorskip("flwr")
+    pytest.importorskip("ray")
+    from mobiletune.fed import deploy as D
+    from mobiletune.fed import spec as S
+    from tests.fed_helpers import (
+        Procs,
+        deploy_env,
+        final_adapter,
+        free_port,
+        log_rows,
+        make_run,
+        online,
+        registered,
+        wait_for,
+    )
+    t0 = time.perf_counter()
+    w = arm.work / "fed"
+    run = make_run(w / "run", "fedavg", clients=2, rounds=2)
+    ref = make_run(w / "ref", "fedavg", clients=2, rounds=2)
+    phone = w / "phone-run"          # partition 1's phone: its own copy, the kit's bundle
+    shutil.copytree(run, phone)
+    spec = S.read(phone)
+    S.write(phone, dataclasses.replace(spec, bundles={k: "/work/fedkit/bundle" for k in spec.bundles}))
+    d = w / "deploy"
+    d.mkdir()
+    c = D.certs(d)
+    keys = [D.node_key(d, f"node{i}") for i in range(2)]
+    app = D.write_app(d / "app")
+    port = free_port()
+    env = deploy_env(d, port, c["ca"])
+    link = f"127.0.0.1:{port}"
+    P = Procs(d, env)
+    try:
+        P.start("superlink", D.superlink_cmd(c, port, d / "state.db"))
+        for k in keys:
+            wait_for(lambda: registered(d, env, k), 60, f"registering {k.name}")
+        P.start("node0-x86", D.supernode_cmd(c["ca"], link, free_port(), keys[0], 0, run))
+        P.start("node1-arm64", arm.argv(
+            D.supernode_cmd(arm.inside(c["ca"]), link, free_port(), arm.inside(keys[1]), 1,
+                            arm.inside(phone)),
+            network=True, env={**D.ENV, "PATH": f"{FED_VENV}/bin:/usr/bin:/bin"}))
+        # min_nodes is 1: start the run once both are online, or round 1 may go without arm64
+        wait_for(lambda: online(d, env) == 2, 180, "both SuperNodes online")
+        t_up = time.perf_counter()
+        flwr = P.start("flwr-run", D.run_cmd(app, run))
+        flwr.wait(timeout=300)
+        t_run = time.perf_counter()
+        log = "\n".join((d / f"{n}.log").read_text()[-2000:] for n in ("flwr-run", "node1-arm64"))
+        assert flwr.returncode == 0, log
+    finally:
+        P.stop_all()
+    rows = log_rows(run)
+    assert [r["round"] for r in rows] == [0, 1, 2], log
+    pids = [sorted(int(x["partition-id"]) for x in r["clients"]) for r in rows[1:]]
+    assert pids == [[0, 1], [0, 1]], (pids, log)
+    assert (phone / "clients" / "client-001").is_dir() and not (run / "clients" / "client-001").exists()
+
+    sim = subprocess.run([sys.executable, "-c", f"from mobiletune.fed.sim import simulate; "
+                          f"simulate({str(ref)!r}, 2)"], capture_output=True, text=True, timeout=600)
+    assert sim.returncode == 0, sim.stderr[-3000:]
+    a, b = final_adapter(run), final_adapter(ref)
+    assert a.keys() == b.keys()
+    assert max(np.abs(b[k]).max() for k in b) > 0
+    for k in b:
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-5, err_msg=k)
+    print(f"arm64 fed: setup + both nodes online {t_up - t0:.0f} s, flwr run (2 rounds) "
+          f"{t_run - t_up:.0f} s, simulation reference {time.perf_counter() - t_run:.0f} s",
+          file=sys.stderr)

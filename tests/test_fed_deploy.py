@@ -5,14 +5,8 @@ signed the SuperLink's certificate, cannot join; a SuperNode killed mid-round le
 round to complete with the others and rejoins once restarted. 127.0.0.1 only; every process
 is started in its own session and stopped by its process group id."""
 
-import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
@@ -22,51 +16,7 @@ if shutil.which("openssl") is None or shutil.which("ssh-keygen") is None:
     pytest.skip("needs openssl and ssh-keygen", allow_module_level=True)
 
 from mobiletune.fed import deploy as D  # noqa: E402
-from tests.fed_helpers import log_rows, make_run  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Procs:
-    def __init__(self, d: Path, env: dict):
-        self.d, self.env, self.p = d, env, {}
-
-    def start(self, name, cmd):
-        log = open(self.d / f"{name}.log", "w")
-        self.p[name] = subprocess.Popen(cmd, cwd=self.d, env=self.env, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        return self.p[name]
-
-    def stop(self, name, sig=signal.SIGTERM):
-        p = self.p[name]
-        try:
-            os.killpg(p.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=30)
-
-    def stop_all(self):
-        for name in list(self.p):
-            self.stop(name, signal.SIGKILL)
-
-
-def wait_for(pred, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.fed_helpers import Procs, deploy_env, free_port, log_rows, make_run, registered, wait_for  # noqa: E402
 
 
 def test_loopback_deployment_tls_auth_and_a_killed_supernode(tmp_path):
@@ -78,19 +28,12 @@ def test_loopback_deployment_tls_auth_and_a_killed_supernode(tmp_path):
     keys = [D.node_key(d, f"node{i}") for i in range(4)]    # node3 is never registered
     app = D.write_app(d / "app")
     port = free_port()
-    env = {**os.environ, **D.ENV, "FLWR_HOME": str(d / "flwr-home"),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-    D.write_flwr_config(d / "flwr-home", f"127.0.0.1:{port}", c["ca"])
+    env = deploy_env(d, port, c["ca"])
     P = Procs(d, env)
     try:
         P.start("superlink", D.superlink_cmd(c, port, d / "state.db"))
-
-        def registered(i):
-            r = subprocess.run(D.register_cmd(f"{keys[i]}.pub"), cwd=d, env=env, capture_output=True, text=True)
-            return r.returncode == 0 and "registered successfully" in r.stdout
         for i in range(3):
-            wait_for(lambda: registered(i), 60, f"registering node{i}")
+            wait_for(lambda: registered(d, env, keys[i]), 60, f"registering node{i}")
         link = f"127.0.0.1:{port}"
         node_ports = [free_port() for _ in range(5)]
         for i in range(3):

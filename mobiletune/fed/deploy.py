@@ -10,7 +10,8 @@ Standard library + the ``openssl`` and ``ssh-keygen`` tools.
     superlink_cmd / supernode_cmd / register_cmd / run_cmd   the command lines
 
 For a fleet of phones (a Debian userland in Termux's proot-distro with
-``pip install 'mobiletune[fed]'`` minus the simulation engine, or the phone kit + flwr):
+``pip install 'mobiletune[runtime]' flwr==1.42.0``, or offline from the phone kit built with
+``mobiletune device kit BUNDLE --out KIT --fed``):
 each phone holds its bundle and partition under a run directory and runs
 ``flower-supernode --root-certificates ca.crt --superlink HOST:9190 --auth-supernode-
 private-key node.key --node-config "partition-id=I run-dir='RUN'"``.
@@ -98,7 +99,7 @@ def superlink_cmd(c: dict, port: int, db, host: str = "127.0.0.1") -> list[str]:
 def supernode_cmd(ca, superlink: str, port: int, key, pid: int, run) -> list[str]:
     return ["flower-supernode", "--root-certificates", str(ca), "--superlink", superlink,
             "--port", str(port), "--auth-supernode-private-key", str(key), "--max-retries", "3",
-            "--node-config", f"partition-id={pid} run-dir='{Path(run).resolve()}'"]
+            "--node-config", f"partition-id={pid} run-dir='{Path(run).absolute()}'"]
 
 
 def register_cmd(pub) -> list[str]:

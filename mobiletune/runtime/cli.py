@@ -118,6 +118,9 @@ def build_parser(prog: str = "python -m mobiletune.runtime") -> argparse.Argumen
     p.add_argument("--wheel", help="a mobiletune wheel to use instead of building one from "
                                    "this source checkout")
     p.add_argument("--no-tar", action="store_true", help="skip the .tar.gz")
+    p.add_argument("--fed", action="store_true",
+                   help="also carry Flower (the fed extra's pinned flwr, without the simulation "
+                        "engine) so the phone can run flower-supernode with the federated ClientApp")
     p.set_defaults(func=cmd_kit)
     return ap
 
@@ -174,7 +177,7 @@ def cmd_doctor(args) -> int:
 def cmd_kit(args) -> int:
     from mobiletune.runtime.kit import build_kit, parse_pythons
     info = build_kit(args.bundle, args.out, parse_pythons(args.python), wheel=args.wheel,
-                     tar=not args.no_tar, log=lambda s: print(s, file=sys.stderr))
+                     tar=not args.no_tar, fed=args.fed, log=lambda s: print(s, file=sys.stderr))
     print(f"kit {args.out}: {info['bytes']:,} bytes, {len(info['wheels'])} wheels for Python "
           f"{', '.join(info['pythons'])}"
           + (f"; {args.out}.tar.gz {info['archive_bytes']:,} bytes" if "archive_bytes" in info

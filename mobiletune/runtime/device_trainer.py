@@ -143,6 +143,9 @@ class DeviceTrainer:
         self.step, self.decision, self.metrics = 0, None, None
         self.hooks = Hooks()
         log(f"battery: {described}")
+        store = getattr(getattr(runner, "state", None), "store", None)    # sharded bundles
+        if getattr(store, "streamed", False):
+            log(f"state: streamed through {store.path} (unlinked; {store.total / 2**20:.1f} MB)")
 
     @classmethod
     def open(cls, bundle, data_paths, out, *, threads: int | None = None,

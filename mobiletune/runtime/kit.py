@@ -4,14 +4,17 @@ A kit is a directory (and ``KIT.tar.gz`` beside it)::
 
     bundle/          a copy of the training bundle
     wheels/          a wheel of this mobiletune + the aarch64 (manylinux) wheels of the
-                     runtime extra's dependencies, for each chosen CPython version
+                     runtime extra's dependencies, for each chosen CPython version (with
+                     ``fed=True``, ``--fed``: also plain Flower's, for ``flower-supernode``)
     setup.sh         installs them into ./venv with no network (POSIX sh)
     SHA256SUMS       every file above; setup.sh checks them first
     kit.json         what the kit holds: versions, Pythons, bundle, wheel files
 
 It is built on the desktop, where the package registry is reachable: the mobiletune wheel
 is built from this source checkout (or given with ``wheel=``), and the dependencies are
-the runtime extra's ``Requires-Dist`` lines of that wheel, fetched by ``pip download
+the runtime extra's ``Requires-Dist`` lines of that wheel (with ``fed``: and the ``fed``
+extra's Flower pin, without its ``[simulation]`` engine, which the phone does not run),
+fetched by ``pip download
 --only-binary=:all: --platform manylinux_*_aarch64 --python-version X.Y``. The wheels are
 manylinux (glibc) wheels: they install in a glibc userland such as Debian or Ubuntu under
 Termux's proot-distro, not in Termux's own Python, which is built on Android's bionic libc.
@@ -96,8 +99,8 @@ def build_wheel(dest: Path) -> Path:
         return Path(shutil.copy2(built[0], dest / built[0].name))
 
 
-def runtime_requirements(wheel: Path) -> list[str]:
-    """The wheel's base requirements plus those of its ``runtime`` extra."""
+def _requires(wheel: Path) -> list[tuple[str, str]]:
+    """The wheel's ``Requires-Dist`` lines as (requirement, marker)."""
     try:
         with zipfile.ZipFile(wheel) as z:
             meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
@@ -106,15 +109,28 @@ def runtime_requirements(wheel: Path) -> list[str]:
         raise KitError(f"{wheel}: not a readable wheel ({e})") from None
     out = []
     for line in lines:
-        if not line.startswith("Requires-Dist:"):
-            continue
-        req, _, marker = line[len("Requires-Dist:"):].partition(";")
-        marker = marker.strip().replace("'", '"')
-        if not marker or marker == 'extra == "runtime"':
-            out.append(req.strip())
+        if line.startswith("Requires-Dist:"):
+            req, _, marker = line[len("Requires-Dist:"):].partition(";")
+            out.append((req.strip(), marker.strip().replace("'", '"')))
+    return out
+
+
+def runtime_requirements(wheel: Path) -> list[str]:
+    """The wheel's base requirements plus those of its ``runtime`` extra."""
+    out = [req for req, marker in _requires(wheel) if not marker or marker == 'extra == "runtime"']
     if not out:
         raise KitError(f"{wheel}: declares no runtime requirements")
     return sorted(dict.fromkeys(out))
+
+
+def fed_requirements(wheel: Path) -> list[str]:
+    """The ``fed`` extra's Flower requirement as the phone installs it: the same pin without
+    extras (``flwr[simulation]==1.42.0`` -> ``flwr==1.42.0``): a SuperNode needs no ray."""
+    out = [re.sub(r"\[[^\]]*\]", "", req) for req, marker in _requires(wheel)
+           if marker == 'extra == "fed"' and re.match(r"flwr\b", req)]
+    if len(out) != 1 or "==" not in out[0]:
+        raise KitError(f"{wheel}: its fed extra should pin exactly one flwr==X.Y.Z, found {out}")
+    return out
 
 
 def download_wheels(reqs: list[str], python: str, dest: Path) -> None:
@@ -132,9 +148,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_kit(bundle, out, pythons=PYTHONS, wheel=None, tar: bool = True, log=print) -> dict:
+def build_kit(bundle, out, pythons=PYTHONS, wheel=None, tar: bool = True, fed: bool = False,
+              log=print) -> dict:
     """Write the kit directory ``out`` (atomically: built beside it, then renamed) and
-    ``out.tar.gz``; returns ``kit.json``'s content."""
+    ``out.tar.gz``; returns ``kit.json``'s content. ``fed``: the kit also carries Flower, and
+    setup.sh installs it, so the phone can run ``flower-supernode`` with the ClientApp."""
     bundle, out = Path(bundle), Path(out)
     m = read_manifest(bundle)
     verify_files(bundle, m)
@@ -149,13 +167,19 @@ def build_kit(bundle, out, pythons=PYTHONS, wheel=None, tar: bool = True, log=pr
         else:
             whl = Path(shutil.copy2(wheel, tmp / "wheels" / Path(wheel).name))
         reqs = runtime_requirements(whl)
+        extra = fed_requirements(whl) if fed else []
+        reqs = reqs + extra
         for py in pythons:
             log(f"kit: aarch64 wheels for Python {py}: {', '.join(reqs)}")
             download_wheels(reqs, py, tmp / "wheels")
         version = whl.name.split("-")[1]
         (tmp / "setup.sh").write_text(SETUP_SH.replace("@VERSION@", version)
                                       .replace("@PYTHONS@", " ".join(pythons))
-                                      .replace("@MIN_GLIBC@", MIN_GLIBC), encoding="utf-8")
+                                      .replace("@MIN_GLIBC@", MIN_GLIBC)
+                                      .replace("@EXTRA@", " ".join(f"'{r}'" for r in extra))
+                                      .replace("@IMPORTS@", ", flwr.clientapp" if fed else "")
+                                      .replace("@NEXT@", NEXT_FED if fed else ""),
+                                      encoding="utf-8")
         (tmp / "setup.sh").chmod(0o755)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         sums = {p.relative_to(tmp).as_posix(): _sha256(p) for p in files}
@@ -163,7 +187,7 @@ def build_kit(bundle, out, pythons=PYTHONS, wheel=None, tar: bool = True, log=pr
                                         encoding="utf-8")
         info = {"format": KIT_FORMAT, "kit_version": KIT_VERSION, "mobiletune": version,
                 "pythons": list(pythons), "platforms": list(PLATFORMS), "min_glibc": MIN_GLIBC,
-                "requirements": reqs, "bundle": {"sharded": m.sharded is not None,
+                "requirements": reqs, "fed": fed, "bundle": {"sharded": m.sharded is not None,
                                                  "program_sha256": m.files["program"].sha256},
                 "wheels": sorted(p.name for p in (tmp / "wheels").iterdir()),
                 "bytes": sum(p.stat().st_size for p in files)}
@@ -218,11 +242,14 @@ echo "checking the kit's files (SHA256SUMS)"
 echo "creating $VENV (Python $pyver, glibc $glibc)"
 "$PY" -m venv "$VENV" || fail "python3 -m venv failed: apt install python3-venv"
 "$VENV/bin/python" -m pip install --no-index --no-cache-dir --disable-pip-version-check -q \
-  --find-links "$KIT/wheels" "mobiletune[runtime]==@VERSION@" \
+  --find-links "$KIT/wheels" "mobiletune[runtime]==@VERSION@" @EXTRA@ \
   || fail "pip could not install from $KIT/wheels"
-"$VENV/bin/python" -c "import mobiletune.runtime.litert, ai_edge_litert.interpreter, numpy, tokenizers" \
+"$VENV/bin/python" -c \
+  "import mobiletune.runtime.litert, ai_edge_litert.interpreter, numpy, tokenizers@IMPORTS@" \
   || fail "the installed runtime does not import"
 echo "installed. Next:"
 echo "  $VENV/bin/python -m mobiletune.runtime doctor $KIT/bundle"
-echo "  $VENV/bin/python -m mobiletune.runtime train $KIT/bundle --data YOUR.txt --out run"
+echo "  $VENV/bin/python -m mobiletune.runtime train $KIT/bundle --data YOUR.txt --out run"@NEXT@
 """
+NEXT_FED = ('\necho "  $VENV/bin/flower-supernode --root-certificates ca.crt --superlink HOST:9190 '
+            '--auth-supernode-private-key KEY --node-config \\"partition-id=I run-dir=\'RUN\'\\""')
