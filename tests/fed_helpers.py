@@ -105,11 +105,6 @@ def log_rows(run: Path) -> list[dict]:
 def kill_server_after_round(run: Path, clients: int, rnd: int = 1, timeout_s: float = 240) -> None:
     """Run ``simulate(run, clients)`` in a process of its own session, SIGKILL it (and the
     Ray processes it started) as soon as round ``rnd`` is logged; fails if it ended first."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
     code = f"from mobiletune.fed.sim import simulate; simulate({str(run)!r}, {clients})"
     p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -271,17 +271,16 @@ class SplitHandler(H.JsonHandler):
 
     def route(self, method: str, path: str):
         s = self.service
-        m = EXCHANGE_RE.match(path) or APPLY_RE.match(path)
+        ex, ap = EXCHANGE_RE.match(path), APPLY_RE.match(path)
         # each device authenticates as itself; a path naming no device matches no token
-        H.check_bearer(self.headers.get("Authorization"), s.token_for(m.group(1) if m else ""))
-        m = EXCHANGE_RE.match(path)
-        if method == "PUT" and m:
-            return 200, s.exchange(m.group(1), int(m.group(2)), int(m.group(3)), self.body(),
+        H.check_bearer(self.headers.get("Authorization"), s.token_for((ex or ap).group(1)
+                                                                      if ex or ap else ""))
+        if method == "PUT" and ex:
+            return 200, s.exchange(ex.group(1), int(ex.group(2)), int(ex.group(3)), self.body(),
                                    self.headers.get(H.SHA_HEADER)), "application/octet-stream"
-        m = APPLY_RE.match(path)
-        if method == "POST" and m:
+        if method == "POST" and ap:
             self.body()
-            return 200, s.apply(m.group(1), int(m.group(2)))
+            return 200, s.apply(ap.group(1), int(ap.group(2)))
         raise Refused(404, f"no such endpoint: {method} {path}")
 
 
