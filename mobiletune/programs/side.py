@@ -3,8 +3,8 @@ them): the frozen backbone's ``block_fwd`` / ``norm_fwd`` per block (the sharded
 own signatures: weights are inputs, streamed from the weight store) and, for generation,
 the side network's ``side_in`` / ``side_layer`` / ``side_out`` with its weights as inputs
 (``mobiletune.models.side`` is the math); with ``SideConfig.cut`` the block chain alone
-(the phone folds the trained adapter into the top blocks' weights). No backward pass, no optimizer, no head: the phone
-only runs forward; the server trains the side network.
+(the phone folds the trained adapter into the top blocks' weights). No backward pass, no
+optimizer, no head: the phone only runs forward; the server trains the side network.
 """
 
 from __future__ import annotations
