@@ -223,6 +223,7 @@ def main(argv=None):
                                "step_s": median([r["seconds"] for r in rows[1:]]),
                                "forward_s": median([r["forward_s"] for r in rows[1:]]),
                                "bytes_per_step": median([r["bytes"] for r in rows[1:]]),
+                               "server_step_s": median([r["seconds"] for r in srows[1:]]),
                                "losses": [r["loss"] for r in srows],
                                "since_start": [r["since_start"] for r in srows], "wall_s": wall})
     phone = {k: best_round(v) for k, v in runs.items()}
@@ -285,14 +286,20 @@ def report(res: dict, out_dir: Path):
         lines.append(f"| {k} | {v['peak_rss_mb']:.0f} | {v['step_s']:.2f} | "
                      f"{v['peak_rss_mb'] / ph['lora-mono']['peak_rss_mb']:.2f}× | "
                      f"{v['step_s'] / ph['lora-sharded']['step_s']:.2f}× |")
+    lines += ["", "The server's median seconds per step (its own core; it trains while the phone "
+              "sends): " + ", ".join(f"{k} {v['server_step_s']:.2f} s" for k, v in ph.items()
+                                     if "server_step_s" in v) + "."]
     lines += ["", "| transfer | bytes / token |", "|---|---:|"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in res["bytes_per_token"].items()]
     rounds = ", ".join(f"{k} {' / '.join(f'{x:.2f}' for x in v['rounds_step_s'])} s "
                        f"(load {' / '.join(f'{x:.1f}' for x in v['load_before'])})"
                        for k, v in ph.items())
     lt = res["lora_sharded_time_to_target_s"]
-    lines += ["", f"Each round's median s/step and the 1-minute load average before it: {rounds}.",
-              "", f"Target loss {res['target_loss']:.4f} (the unthrottled side run's last "
+    lines += ["", f"Each round's median s/step and the 1-minute load average before it: {rounds}."]
+    if not res["links"]:
+        lines += ["", "No throttled links in this run (`--links ''`)."]
+        return _write(res, lines, out_dir)
+    lines += ["", f"Target loss {res['target_loss']:.4f} (the unthrottled side run's last "
                   f"{SMOOTH}-step mean); sharded LoRA's {SMOOTH}-step mean reaches it after "
                   f"{'∞ (not within the run)' if lt is None else f'{lt:.0f} s'} of phone compute.", "",
               "| link Mbit/s | phone s / step | time to target s | wall s |", "|---:|---:|---:|---:|"]
@@ -300,6 +307,10 @@ def report(res: dict, out_dir: Path):
         t = v["time_to_target_s"]
         lines.append(f"| {mbit} | {v['step_s']:.2f} | {'∞' if t is None else f'{t:.0f}'} | "
                      f"{v['wall_s']:.0f} |")
+    _write(res, lines, out_dir)
+
+
+def _write(res: dict, lines: list, out_dir: Path):
     md = "\n".join(lines) + "\n"
     print(md)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,7 @@ field() { grep "$2" "$1" | awk -F': ' '{print $2}'; }
   echo "| $MODEL, $STEPS steps x 4 x 128 tokens | Hamlet ppl (4 x 512) | phone wall | phone peak RSS |"
   echo "|---|---|---|---|"
   echo "| base | $BEFORE | | |"
-  echo "| side-tuning ($(basename "$SIDE_RECIPE" .py) $*) | $SIDE | $(field "$OUT/side-phone.time" 'Elapsed (wall') | $(( $(field "$OUT/side-phone.time" 'Maximum resident') / 1024 )) MB |"
+  echo "| side-tuning ($(basename "$SIDE_RECIPE" .py)${*:+ $*}) | $SIDE | $(field "$OUT/side-phone.time" 'Elapsed (wall') | $(( $(field "$OUT/side-phone.time" 'Maximum resident') / 1024 )) MB |"
   echo "| on-device LoRA (sharded, r=8) | $LORA | $(field "$OUT/lora-phone.time" 'Elapsed (wall') | $(( $(field "$OUT/lora-phone.time" 'Maximum resident') / 1024 )) MB |"
 } | tee "$OUT/results.md"
 "$PY" benchmarks/plot_curves.py "$OUT/loss.png" --title "$MODEL: loss vs wall-clock" \

@@ -299,10 +299,12 @@ def _wait(cond, procs, timeout=300):
         time.sleep(0.05)
 
 
-def test_kill9_of_either_side_and_cut_bodies_end_bit_identical(env, reference_run, tmp_path):
+@KINDS
+def test_kill9_of_either_side_and_cut_bodies_end_bit_identical(request, kind, tmp_path):
     """The phone killed with SIGKILL and resumed, the server killed with SIGKILL and
     restarted (the phone retries meanwhile), and a proxy cutting every third connection
     mid-body: the final side weights and every step's loss equal the uninterrupted run's."""
+    env, reference_run = _runs(request, kind)
     ref_srv, _ = reference_run
     srv, out = tmp_path / "srv", tmp_path / "phone"
     srv.mkdir()
