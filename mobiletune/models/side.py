@@ -17,6 +17,11 @@ output mix): before it, the side's small contribution would be divided by the la
 state's large norm and learn far more slowly. Names: ``side.embed_down.weight``, ``side.layers.{j}.gate``,
 ``side.layers.{j}.down.weight``, ``side.layers.{j}.<the family's layer names>``,
 ``side.norm.<the family's final-norm names>``, ``side.up.weight``.
+
+With ``SideConfig.cut`` = c the side network is a copy of the backbone's layers c … L-1
+with a LoRA adapter (``top_lora``): ``hn = final_norm(blocks_{c..L-1}(h_c; W + s·B·A))``,
+B = 0 at init. Its params are the adapter's, PEFT-named under ``side.``
+(``side.model.layers.{i}.self_attn.q_proj.lora_A.weight``).
 """
 
 from __future__ import annotations
@@ -34,10 +39,24 @@ from mobiletune.runtime import bundle as B
 from mobiletune.runtime.side.config import SideConfig
 
 
+def top_lora(cfg: ModelConfig, scfg: SideConfig):
+    """The LoRA config of the ``cut`` side network (on layers cut … L-1)."""
+    from mobiletune.models.lora import LoraConfig
+    scfg.tapped(cfg.num_layers)   # checks cut < L
+    return LoraConfig(r=scfg.rank, alpha=float(scfg.alpha), target_modules=scfg.targets,
+                      layers_to_transform=tuple(range(scfg.cut, cfg.num_layers))).resolved(cfg)
+
+
+def _top_adapter(side: dict) -> dict:
+    return {k[len(B.SIDE):]: v for k, v in side.items()}
+
+
 def side_config(cfg: ModelConfig, scfg: SideConfig) -> ModelConfig:
     """The reduced config the side blocks are built on (one layer per tap); the head width
     is kept even (RoPE rotates halves)."""
     tapped = scfg.tapped(cfg.num_layers)
+    if scfg.cut is not None:
+        return cfg
     hd = max(2, cfg.head_dim // scfg.reduction // 2 * 2)
     return cfg.replace(hidden_size=cfg.num_heads * hd, head_dim=hd,
                        intermediate_size=max(1, cfg.intermediate_size // scfg.reduction),
@@ -47,6 +66,13 @@ def side_config(cfg: ModelConfig, scfg: SideConfig) -> ModelConfig:
 
 
 def side_shapes(cfg: ModelConfig, scfg: SideConfig) -> dict[str, tuple]:
+    if scfg.cut is not None:
+        from mobiletune.models.lora import targets
+        out = {}
+        for mod, (fan_in, fan_out) in targets(cfg, top_lora(cfg, scfg)).items():
+            out[B.SIDE + mod + ".lora_A.weight"] = (scfg.rank, fan_in)
+            out[B.SIDE + mod + ".lora_B.weight"] = (fan_out, scfg.rank)
+        return out
     sc = side_config(cfg, scfg)
     spec = families.spec(cfg.family)
     ds, d, din = sc.hidden_size, cfg.hidden_size, scfg.tap_width(cfg.hidden_size)
@@ -63,7 +89,11 @@ def side_shapes(cfg: ModelConfig, scfg: SideConfig) -> dict[str, tuple]:
 
 def init_side(cfg: ModelConfig, scfg: SideConfig, key) -> dict[str, np.ndarray]:
     """Fresh side params: the family's own init for blocks and norm, down-projections
-    uniform(±1/sqrt(in)) (as LoRA's A), gates at 0 (sigmoid 0.5), ``side.up`` zero."""
+    uniform(±1/sqrt(in)) (as LoRA's A), gates at 0 (sigmoid 0.5), ``side.up`` zero; with
+    ``cut``, LoRA's own init (A uniform, B zero)."""
+    if scfg.cut is not None:
+        from mobiletune.models.lora import init_lora
+        return {B.SIDE + k: np.asarray(v) for k, v in init_lora(cfg, top_lora(cfg, scfg), key).items()}
     sc = side_config(cfg, scfg)
     fam = models.family(sc)
     shapes = side_shapes(cfg, scfg)
@@ -115,9 +145,21 @@ def side_hidden(side: dict, base: dict, cfg: ModelConfig, scfg: SideConfig, toke
                 h_last):
     """What the head reads (B, T, D): the backbone's final-normed last hidden state with
     the side network's sum added. ``taps``: a sequence of (B, T, tap width), one per tapped
-    layer; ``h_last`` (B, T, D): the backbone's output before its final norm."""
-    sc = side_config(cfg, scfg)
+    layer; ``h_last`` (B, T, D): the backbone's output before its final norm (with ``cut``:
+    h_cut, the phone's last layer's output, and no taps)."""
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    if scfg.cut is not None:
+        from mobiletune.models.lora import merge
+        fam = models.family(cfg)
+        lcfg = top_lora(cfg, scfg)
+        h = h_last
+        for i in range(scfg.cut, cfg.num_layers):
+            lp = models.layer_params(base, cfg, i)
+            pre = families.spec(cfg.family).prefix(i)
+            ad = {k[len(pre):]: v for k, v in _top_adapter(side).items() if k.startswith(pre)}
+            h, _ = fam.block(merge(lp, ad, cfg, lcfg), cfg, i, h, positions)
+        return fam.final_norm(base, cfg, h)
+    sc = side_config(cfg, scfg)
     emb = models.family(cfg).embed(base, cfg, tokens, positions)                # (B, T, D)
     s = side_in(side[B.SIDE_EMBED_DOWN], emb, cfg.matmul)                       # (B, T, Ds)
     for j, tap in enumerate(taps):
@@ -133,7 +175,7 @@ def backbone_taps(base: dict, cfg: ModelConfig, scfg: SideConfig, tokens, pooled
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     h = fam.embed(base, cfg, tokens, positions)
     want, taps = set(scfg.tapped(cfg.num_layers)), []
-    for i in range(cfg.num_layers):
+    for i in range(cfg.num_layers if scfg.cut is None else scfg.cut):
         h, _ = fam.block(models.layer_params(base, cfg, i), cfg, i, h, positions)
         if i in want:
             taps.append(h)

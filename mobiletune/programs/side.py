@@ -2,8 +2,9 @@
 them): the frozen backbone's ``block_fwd`` / ``norm_fwd`` per block (the sharded program's
 own signatures: weights are inputs, streamed from the weight store) and, for generation,
 the side network's ``side_in`` / ``side_layer`` / ``side_out`` with its weights as inputs
-(``mobiletune.models.side`` is the math). No backward pass, no optimizer, no head: the phone
-only runs forward; the server trains the side network.
+(``mobiletune.models.side`` is the math); with ``SideConfig.cut`` the block chain alone
+(the phone folds the trained adapter into the top blocks' weights). No backward pass, no
+optimizer, no head: the phone only runs forward; the server trains the side network.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class SideProgram:
         self.tap_width = scfg.tap_width(cfg.hidden_size)
         self.shapes = SD.side_shapes(cfg, scfg)
         spec = families.spec(cfg.family)
-        self.attn = None if spec.attention_kind is None else tuple(
+        self.attn = None if spec.attention_kind is None or scfg.cut is not None else tuple(
             (float(t), float(f), int(w or NO_WINDOW))
             for t, f, w in (spec.attention_kind(self.sc, j) for j in range(self.sc.num_layers)))
 
@@ -44,6 +45,8 @@ class SideProgram:
                                       for x in self.backbone.layers for k in variants}
         out = {n: v for n, v in self.backbone.signatures(tuple(sorted(set(variants) | {1}))).items()
                if n in keep}
+        if self.scfg.cut is not None:   # generation folds the adapter into the top blocks' weights
+            return out
         t, d, ds, f32 = self.seq_len, self.cfg.hidden_size, self.sc.hidden_size, "float32"
         emb_down = B.SIDE_EMBED_DOWN
         out[B.side_in_sig(1)] = (

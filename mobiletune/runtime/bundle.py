@@ -194,6 +194,7 @@ def side_out_sig(k: int) -> str:
 
 
 # side-tuning: the names of the side network's weights (the file the server sends back)
+SIDE = "side."   # every side weight's name starts with it
 SIDE_EMBED_DOWN, SIDE_UP, SIDE_NORM = "side.embed_down.weight", "side.up.weight", "side.norm."
 
 
@@ -618,8 +619,9 @@ class Manifest:
         ks = self.variants
         if self.side is not None:
             kinds = {x.kind for x in self.sharded.layers}
-            return sorted({*(block_fwd_sig(kind, k) for kind in kinds for k in ks),
-                           norm_fwd_sig(1), side_in_sig(1), side_layer_sig(1), side_out_sig(1)})
+            ladder = self.side.config.get("cut") is None   # a cut side network has no program
+            return sorted({*(block_fwd_sig(kind, k) for kind in kinds for k in ks), norm_fwd_sig(1),
+                           *((side_in_sig(1), side_layer_sig(1), side_out_sig(1)) if ladder else ())})
         if self.sharded is None:
             out = [APPLY, INFER, PREFILL, DECODE, GET_STATE, SET_STATE]
             out += [SET_FROZEN] if self.frozen else []

@@ -110,15 +110,21 @@ class ShardedRunner:
     def decode(self, token: int, pos: int, cache) -> np.ndarray:
         return self.decoder().decode(token, pos, cache)
 
-    def hidden_states(self, ids, upto: int | None = None) -> list[np.ndarray]:
+    def hidden_states(self, ids, upto: int | None = None, weights: dict | None = None
+                      ) -> list[np.ndarray]:
         """The backbone's hidden states h_0 (the embedding) ... h_upto (after layer upto-1;
         default: all L layers), each (k, T, D), for int32 token ids (k, T) — what
-        side-tuning sends, and SplitLoRA's phone half (h_upto goes up to the server)."""
+        side-tuning sends, and SplitLoRA's phone half (h_upto goes up to the server).
+        ``weights``: full names -> arrays that replace the store's (an adapter folded in)."""
         ids = np.asarray(ids, np.int32)
         k = len(ids)
         hs = [self._embed(ids)]
         for i, ly in enumerate(self.lay.layers[:upto]):
-            hs.append(self.call(B.block_fwd_sig(ly.kind, k), {"h": hs[-1], **self._layer_inputs(i)})["h"])
+            ins = self._layer_inputs(i)
+            if weights:
+                ins.update({B.W + n[len(ly.prefix):]: v for n, v in weights.items()
+                            if n.startswith(ly.prefix) and B.W + n[len(ly.prefix):] in ins})
+            hs.append(self.call(B.block_fwd_sig(ly.kind, k), {"h": hs[-1], **ins})["h"])
             self._done(i)
         return hs
 

@@ -1,6 +1,7 @@
 """``mobiletune device side-train``: the phone's side-tuning loop. The device trainer's
 scheduling (battery readings, variants, throttle, pauses, checkpoints) with a different
-step: each micro-batch runs the frozen backbone forward (``block_fwd`` per layer), its
+step: each micro-batch runs the frozen backbone forward (``block_fwd`` per layer; with
+``side.cut`` = c only layers 0 … c-1, whose output h_c is all it sends), its
 tapped hidden states are quantized and handed to a sender thread that uploads them while
 the next forward runs (a bounded window of micro-batches in flight: back-pressure);
 nothing is trained on the phone.
@@ -169,7 +170,7 @@ class SideDeviceTrainer(DeviceTrainer):
             k = decision.variant if (eff - self.done) % decision.variant == 0 else min(self.m.variants)
             t_micro = time.perf_counter()
             b = self.data.next(k)
-            hs = self.runner.hidden_states(b["inputs"])
+            hs = self.runner.hidden_states(b["inputs"], upto=self.scfg.cut)   # cut: h_0 … h_cut
             t1 = time.perf_counter()
             self.seq, self.done = self.seq + 1, self.done + k
             payload = self.encode(b, hs, k)
