@@ -47,10 +47,6 @@ def top_lora(cfg: ModelConfig, scfg: SideConfig):
                       layers_to_transform=tuple(range(scfg.cut, cfg.num_layers))).resolved(cfg)
 
 
-def _top_adapter(side: dict) -> dict:
-    return {k[len(B.SIDE):]: v for k, v in side.items()}
-
-
 def side_config(cfg: ModelConfig, scfg: SideConfig) -> ModelConfig:
     """The reduced config the side blocks are built on (one layer per tap); the head width
     is kept even (RoPE rotates halves)."""
@@ -150,14 +146,11 @@ def side_hidden(side: dict, base: dict, cfg: ModelConfig, scfg: SideConfig, toke
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     if scfg.cut is not None:
         from mobiletune.models.lora import merge
-        fam = models.family(cfg)
-        lcfg = top_lora(cfg, scfg)
+        fam, lcfg = models.family(cfg), top_lora(cfg, scfg)
+        merged = merge(base, {k[len(B.SIDE):]: v for k, v in side.items()}, cfg, lcfg)
         h = h_last
         for i in range(scfg.cut, cfg.num_layers):
-            lp = models.layer_params(base, cfg, i)
-            pre = families.spec(cfg.family).prefix(i)
-            ad = {k[len(pre):]: v for k, v in _top_adapter(side).items() if k.startswith(pre)}
-            h, _ = fam.block(merge(lp, ad, cfg, lcfg), cfg, i, h, positions)
+            h, _ = fam.block(models.layer_params(merged, cfg, i), cfg, i, h, positions)
         return fam.final_norm(base, cfg, h)
     sc = side_config(cfg, scfg)
     emb = models.family(cfg).embed(base, cfg, tokens, positions)                # (B, T, D)
