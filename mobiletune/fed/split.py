@@ -272,9 +272,8 @@ class SplitHandler(H.JsonHandler):
     def route(self, method: str, path: str):
         s = self.service
         ex, ap = EXCHANGE_RE.match(path), APPLY_RE.match(path)
-        # each device authenticates as itself; a path naming no device matches no token
-        H.check_bearer(self.headers.get("Authorization"), s.token_for((ex or ap).group(1)
-                                                                      if ex or ap else ""))
+        m = ex or ap   # each device authenticates as itself; a path naming no device matches no token
+        H.check_bearer(self.headers.get("Authorization"), s.token_for(m.group(1) if m else ""))
         if method == "PUT" and ex:
             return 200, s.exchange(ex.group(1), int(ex.group(2)), int(ex.group(3)), self.body(),
                                    self.headers.get(H.SHA_HEADER)), "application/octet-stream"
