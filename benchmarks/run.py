@@ -16,6 +16,10 @@ Systems, each in its own fresh process (see ``common.run``):
                       ``python -m export --help`` does not offer ``--sharded``. The
                       trainable state goes where ``--state-store auto`` puts it: a full
                       fine-tune of a real model streams it through the memory-mapped store.
+  ``device-sharded-saved``  the same bundle trained with ``--memory-budget-mb`` half of
+                      transformers+PEFT's peak RSS in this run (2048 without it): the
+                      headroom goes to saved residuals first (no recompute in the last
+                      layers' backward passes), then to cached layer weights.
   ``device-sharded-ram``  the same bundle trained with ``--state-store ram`` (the whole
                       trainable state in RAM, as before the streamed store): full
                       fine-tuning workloads only, for the memory and speed of both side by
@@ -60,8 +64,11 @@ import common
 import peak as peak_probe
 import report
 
-SYSTEMS = ("jax", "torch", "device", "device-sharded", "device-sharded-ram")
-DEVICE_SYSTEMS = ("device", "device-sharded", "device-sharded-ram")
+SYSTEMS = ("jax", "torch", "device", "device-sharded", "device-sharded-saved",
+           "device-sharded-ram")
+DEVICE_SYSTEMS = ("device", "device-sharded", "device-sharded-saved", "device-sharded-ram")
+SAVED_BUDGET = 0.5     # device-sharded-saved's --memory-budget-mb: this × torch's peak RSS
+SAVED_BUDGET_MB = 2048  # ... when torch did not run
 TINY = "tiny-gpt2"  # built at run time (tests/tiny.py): GPT-2 layout d48 L2, GPT-2 vocabulary
 
 
@@ -142,7 +149,8 @@ def run_desktop(system: str, w: Workload, steps: int, threads: int) -> dict:
             "trainable_params": r["trainable_params"], "wall_s": c.wall_s}
 
 
-def run_device(system: str, w: Workload, steps: int, threads: int, tmp: Path, data: Path) -> dict:
+def run_device(system: str, w: Workload, steps: int, threads: int, tmp: Path, data: Path,
+               budget_mb: float | None = None) -> dict:
     """Export the bundle (the sharded systems share one), then train it with the phone's
     trainer for 1 + ``steps`` steps."""
     recipe = tmp / f"{w.name}.py"
@@ -169,7 +177,8 @@ def run_device(system: str, w: Workload, steps: int, threads: int, tmp: Path, da
     tr = common.run([sys.executable, "-m", "mobiletune.runtime", "train", bundle, "--data", data,
                      "--out", out, "--steps", steps + 1, "--battery", "none", "--threads",
                      threads, "--checkpoint-every", 10 ** 6]
-                    + (["--state-store", "ram"] if system == "device-sharded-ram" else []),
+                    + (["--state-store", "ram"] if system == "device-sharded-ram" else [])
+                    + (["--memory-budget-mb", round(budget_mb)] if budget_mb else []),
                     threads)
     if tr.rc:
         return {"status": "failed", "stage": "train", "reason": tr.error(), "export": export}
@@ -265,7 +274,13 @@ def main(argv=None) -> int:
                 elif s == "device-sharded-ram" and w.lora is not None:
                     r = {"status": "n/a", "reason": "a LoRA state is in RAM either way"}
                 elif s in DEVICE_SYSTEMS:
-                    r = run_device(s, w, steps, args.threads, tmp, data)
+                    torch_r = entry["systems"].get("torch", {})
+                    budget = None if s != "device-sharded-saved" else (
+                        SAVED_BUDGET * torch_r["peak_rss_mb"] if torch_r.get("status") == "ok"
+                        else SAVED_BUDGET_MB)
+                    r = run_device(s, w, steps, args.threads, tmp, data, budget)
+                    if budget:
+                        r["memory_budget_mb"] = round(budget)
                 else:
                     r = run_desktop(s, w, steps, args.threads)
                 entry["systems"][s] = r

@@ -11,6 +11,9 @@ Two things the converter would get wrong are handled here:
 * ``STABLEHLO_SCATTER`` (the gradient of an embedding gather) carries its update
   computation as a subgraph of TFL ``ADD``, which the LiteRT kernel rejects: we rewrite
   those to ``STABLEHLO_ADD`` in the flatbuffer.
+* ``jax.checkpoint`` (the saved-residual block signatures) marks every residual with a
+  ``reduce_precision`` to the residual's own dtype — an identity, which the converter's
+  StableHLO importer does not know: such no-op casts are lowered as the identity here.
 Any op that is not a builtin (Flex / custom) fails the export with the list of them.
 """
 
@@ -22,7 +25,11 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from jax._src import dtypes as jax_dtypes  # noqa: E402
+from jax._src.interpreters import mlir  # noqa: E402
+from jax._src.lax import lax as jax_lax  # noqa: E402
 from jax.experimental import jax2tf  # noqa: E402
 
 from export.common import ExportError  # noqa: E402
@@ -44,6 +51,21 @@ from mobiletune.runtime.bundle import (  # noqa: E402
 )
 
 _DT = {"float32": tf.float32, "int32": tf.int32}
+_REDUCE_PRECISION = mlir._lowerings[jax_lax.reduce_precision_p]
+
+
+def _reduce_precision_lowering(ctx, operand, *, exponent_bits, mantissa_bits):
+    """``reduce_precision`` to its operand's own precision is the identity: lower it so."""
+    aval = ctx.avals_in[0]
+    if np.issubdtype(aval.dtype, np.floating):
+        fi = jax_dtypes.finfo(aval.dtype)
+        if (fi.nexp, fi.nmant) == (exponent_bits, mantissa_bits):
+            return [operand]
+    return _REDUCE_PRECISION(ctx, operand, exponent_bits=exponent_bits,
+                             mantissa_bits=mantissa_bits)
+
+
+mlir.register_lowering(jax_lax.reduce_precision_p, _reduce_precision_lowering)
 
 
 def _tf_spec(s: TensorSpec, name: str | None = None) -> tf.TensorSpec:

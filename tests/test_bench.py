@@ -47,6 +47,7 @@ def test_quick_run_writes_results(tmp_path):
         st = {s: x["status"] for s, x in w["systems"].items()}
         assert st["jax"] == st["torch"] == st["device"] == "ok", (name, st)
         assert st["device-sharded"] in ("ok", "not available"), (name, st)
+        assert st["device-sharded-saved"] == st["device-sharded"], (name, st)
         assert st["device-sharded-ram"] == ("n/a" if w["lora"] else st["device-sharded"]), st
         for s, x in w["systems"].items():
             if x["status"] == "ok":

@@ -53,10 +53,13 @@ def tiny_recipe(model, mode, **kw):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_chained_gradient_equals_jax_grad(tmp_path, family, mode):
+@pytest.mark.parametrize("saved", [False, True], ids=["recompute", "saved"])
+def test_chained_gradient_equals_jax_grad(tmp_path, family, mode, saved):
     """The runtime's host chain (embedding gather, per-layer fwd/bwd, vocabulary chunks
     merged online) run over the JAX signature functions: summed-NLL gradients equal
-    ``jax.grad`` of the whole model within 1e-5 relative (per tensor, to its max |g|)."""
+    ``jax.grad`` of the whole model within 1e-5 relative (per tensor, to its max |g|).
+    ``saved``: a memory budget with room for every layer's residuals, so the second
+    micro-batch runs block_fwd_save / block_bwd_saved (no recompute) instead."""
     cfg = ModelConfig.from_hf_config(TINY_HF[family])
     params = models.init_params(cfg, jax.random.PRNGKey(0))
     params = {k: v + 0.1 * jax.random.normal(jax.random.PRNGKey(len(k)), v.shape)
@@ -69,12 +72,18 @@ def test_chained_gradient_equals_jax_grad(tmp_path, family, mode):
     steps, tr, fr = build_steps(r, load_model(r.model, seed=r.seed))
     sm = ShardedModel(cfg, steps.lcfg, r.optim, {k: v.shape for k, v in tr.items()},
                       {k: v.shape for k, v in fr.items()}, SEQ, vocab_chunk=40)
-    run = ShardedRunner(tmp_path / "b", m, JaxCalls(sm, (2,)))
+    run = ShardedRunner(tmp_path / "b", m, JaxCalls(sm, (2,)),
+                        memory_budget_mb=1e6 if saved else None)
     run.set_state(st.load(tmp_path / "b" / "state.safetensors"), zeros_for_missing=True)
     rng = np.random.default_rng(1)
     batch = {"inputs": rng.integers(0, cfg.vocab_size, (2, SEQ)).astype(np.int32),
              "targets": rng.integers(0, cfg.vocab_size, (2, SEQ)).astype(np.int32),
              "loss_mask": (rng.random((2, SEQ)) > 0.3).astype(np.float32)}
+    if saved:   # the first micro-batch measures the room; the second saves every layer
+        run.accumulate(batch)
+        assert run.saved_layers(2) == cfg.num_layers and run.residual_bytes(2) > 0
+        for g in run.grad.values():
+            g[...] = 0
     nll, count = run.accumulate(batch)
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
     lora = steps.lcfg.ctx() if steps.lcfg else None
@@ -88,10 +97,34 @@ def test_chained_gradient_equals_jax_grad(tmp_path, family, mode):
         assert np.abs(run.grad[k] - g).max() / scale <= 1e-5, k
 
 
-CASES = {  # name: (family, LoRA, accumulation, clip, variants)
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_host_head_chunk_equals_the_head_fwd_signature(softcap):
+    """``runtime.sharded.head.head_chunk`` (numpy, the default ``--head host``) against the
+    bundle's ``head_fwd`` (JAX): a padded last chunk, targets inside and outside the chunk,
+    with and without soft-capping; within 1e-5 relative per output."""
+    from mobiletune.runtime.sharded.head import head_chunk
+    cfg = ModelConfig.from_hf_config(TINY_HF["gemma3"]).replace(final_logit_softcapping=softcap)
+    d, vc, n = cfg.hidden_size, 40, 27                            # 13 padding rows
+    sm = ShardedModel(cfg, None, OptimConfig(), {}, models.param_shapes(cfg), SEQ, vocab_chunk=vc)
+    rng = np.random.default_rng(0)
+    hn = rng.standard_normal((2, SEQ, d)).astype(np.float32)
+    w = np.zeros((vc, d), np.float32)
+    w[:n] = rng.standard_normal((n, d)).astype(np.float32) * 0.5
+    valid = (np.arange(vc) < n).astype(np.float32)
+    labels = rng.integers(-30, 60, (2, SEQ)).astype(np.int32)    # some in [0, n), most not
+    ref = jax.jit(sm.head_fwd)(hn, w, valid, labels)
+    got = head_chunk(hn, w[:n], labels, softcap)
+    assert set(got) == set(ref)
+    for k, v in ref.items():
+        v = np.asarray(v)
+        assert got[k].dtype == np.float32 and got[k].shape == v.shape, k
+        assert np.abs(got[k] - v).max() <= 1e-5 * max(np.abs(v).max(), 1e-6), k
+
+
+CASES = {  # name: (family, LoRA, accumulation, clip, variants, head)
     "gpt2-lora": ("gpt2", LoraConfig(r=4, alpha=8, target_modules=("c_attn", "c_fc")), 1, 1.0,
-                  (1, 2, 4)),
-    "gemma3-full": ("gemma3", None, 2, 0.5, (2, 4)),
+                  (1, 2, 4), "host"),
+    "gemma3-full": ("gemma3", None, 2, 0.5, (2, 4), "program"),   # the head in LiteRT
 }
 
 
@@ -106,7 +139,7 @@ def sharded_runs(tmp_path_factory):
 
     def get(name):
         if name not in cache:
-            family, lora, acc, clip, variants = CASES[name]
+            family, lora, acc, clip, variants, head = CASES[name]
             d = root / name
             model = tiny_dir_with_gpt2_tokenizer(d / "model", family)
             recipe = Recipe(name="sharded", model=str(model), data=(str(data),), seq_len=24,
@@ -115,7 +148,7 @@ def sharded_runs(tmp_path_factory):
                                                          weight_decay=0.01, clip_norm=clip),
                             eval_every=0, checkpoint_every=5)
             export_sharded(recipe, d / "bundle", variants)
-            run = device_train(d / "bundle", [data], d / "device", battery="none")
+            run = device_train(d / "bundle", [data], d / "device", battery="none", head=head)
             assert run.finished and run.step == 10
             cache[name] = (d, recipe, d / "bundle", d / "device")
         return cache[name]
@@ -224,25 +257,29 @@ def test_int8_store_without_its_scales_is_refused_by_name(tmp_path):
         WeightStore(tmp_path / "w.safetensors")
 
 
-def test_memory_budget_caches_weights_and_changes_nothing(sharded_runs, tmp_path):
-    """With a budget the runner keeps widened layer weights between the passes (an LRU
-    cache); the result is the same computation."""
-    from mobiletune.runtime.metrics import rss_mb
+def test_memory_budget_saves_residuals_caches_weights_and_changes_nothing(sharded_runs,
+                                                                        tmp_path):
+    """With a budget the runner saves the last layers' residuals in the forward pass
+    (block_fwd_save; the backward pass, block_bwd_saved, does not recompute the block's
+    matmuls) and keeps widened layer weights between the passes (an LRU cache): the
+    trained adapter equals the recomputing run's within 1e-6."""
+    from mobiletune.runtime.metrics import peak_rss_mb
     from mobiletune.runtime.runner import open_bundle
     d, _, bundle, dev = sharded_runs("gpt2-lora")
     out = tmp_path / "budget"
-    budget = rss_mb() + 1024  # this test process is large (pytest, JAX, TF): 1 GB headroom
+    budget = peak_rss_mb() + 1024  # this test process is large (pytest, JAX, TF): 1 GB headroom
     assert device_train(bundle, [d.parent / "data.txt"], out, battery="none",
                         memory_budget_mb=budget).finished
     a = st.load(dev / "adapter" / "adapter_model.safetensors")
     b = st.load(out / "adapter" / "adapter_model.safetensors")
     for k in a:
-        np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
     r = open_bundle(bundle, memory_budget_mb=budget)
     z = np.zeros((4, 24), np.int32)
     r.accumulate({"inputs": z, "targets": z, "loss_mask": np.ones((4, 24), np.float32)})
     r.accumulate({"inputs": z, "targets": z, "loss_mask": np.ones((4, 24), np.float32)})
     assert r.cache.bytes > 0, "nothing was cached under a generous budget"
+    assert r.saved_layers(4) == 2 and r.residual_bytes(4) > 0
 
 
 def test_damaged_weight_store_is_refused_by_name(sharded_runs, tmp_path):
@@ -306,19 +343,23 @@ def test_real_smollm2_sharded_step_equals_desktop(tmp_path):
 
 
 def test_kill_nine_then_resume_equals_uninterrupted(sharded_runs, tmp_path):
-    """kill -9 at two moments of a 24-step run + ``--resume`` (checkpoints every step):
-    the per-shard state and every step's loss equal the uninterrupted run's bit for bit."""
+    """kill -9 at two moments of a 24-step run + ``--resume`` (checkpoints every step), with
+    a budget that saves every layer's residuals (the no-recompute path): the per-shard state
+    and every step's loss equal the uninterrupted run's bit for bit."""
     d, _, bundle, dev = sharded_runs("gpt2-lora")
     data = d.parent / "data.txt"
     ref = tmp_path / "ref"
-    device_train(bundle, [data], ref, steps=24, battery="none")
+    budget = 100_000   # MB: room for everything, in this process and in the killed ones
+    device_train(bundle, [data], ref, steps=24, battery="none", memory_budget_mb=budget)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "mobiletune.runtime", "train", str(bundle), "--data", str(data),
-           "--out", str(out), "--battery", "none", "--checkpoint-every", "1", "--steps", "24"]
+           "--out", str(out), "--battery", "none", "--checkpoint-every", "1", "--steps", "24",
+           "--memory-budget-mb", str(budget)]
     kill_after_steps(lambda resume: subprocess.Popen(
         cmd + (["--resume"] if resume else []), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL), out, (4, 13))
-    assert device_train(bundle, [data], out, steps=24, battery="none", resume=True).finished
+    assert device_train(bundle, [data], out, steps=24, battery="none", resume=True,
+                        memory_budget_mb=budget).finished
     a, b = st.load(ref / "state.safetensors"), st.load(out / "state.safetensors")
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert losses(ref) == losses(out)
@@ -336,7 +377,7 @@ def test_streamed_state_equals_the_in_ram_state_bit_for_bit(sharded_runs, tmp_pa
     assert HostState(m, tmp_path / "b", memory_budget_mb=0.01).store.streamed  # > budget/2
     out = tmp_path / "streamed"
     t = DeviceTrainer.open(bundle, [d.parent / "data.txt"], out, battery="none",
-                           state_store="disk", checkpoint_every=5)
+                           state_store="disk", checkpoint_every=5, head="program")
     assert t.runner.state.store.streamed
     assert t.run(10).finished
     a, b = st.load(dev / "state.safetensors"), st.load(out / "state.safetensors")
@@ -353,12 +394,12 @@ def test_kill_nine_then_resume_with_the_streamed_state(sharded_runs, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "mobiletune.runtime", "train", str(bundle), "--data", str(data),
            "--out", str(out), "--battery", "none", "--checkpoint-every", "1",
-           "--state-store", "disk"]
+           "--state-store", "disk", "--head", "program"]
     kill_after_steps(lambda resume: subprocess.Popen(
         cmd + (["--resume"] if resume else []), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL), out, (3, 7))
     assert device_train(bundle, [data], out, battery="none", resume=True,
-                        state_store="disk").finished
+                        state_store="disk", head="program").finished
     a, b = st.load(dev / "state.safetensors"), st.load(out / "state.safetensors")
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert losses(dev) == losses(out)

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 NEG_INF = -1e30  # finite, so a fully-masked row gives a uniform softmax rather than NaN
 
@@ -25,6 +26,10 @@ NEG_INF = -1e30  # finite, so a fully-masked row gives a uniform softmax rather 
 # VJPs so that the backward pass has the same form (measured: benchmarks/README.md). A
 # ``ModelConfig.matmul`` field carries the choice to every product.
 MATMUL_FORMS = ("einsum", "batch_matmul")
+# Every product's output carries this name (``jax.ad_checkpoint.checkpoint_name``; an
+# identity otherwise): a remat policy that saves only these keeps a block's backward pass
+# from recomputing its matmuls (``programs.sharded``'s saved-residual signatures).
+MATMUL_OUT = "matmul_out"
 
 
 @jax.custom_vjp
@@ -65,12 +70,14 @@ _xw.defvjp(_xw_fwd, _xw_bwd)
 
 def matmul_t(x, w, form: str = "einsum"):
     """x (..., q) @ w (p, q).T -> (..., p), written as ``form`` (``MATMUL_FORMS``)."""
-    return _xwt(x, w) if form == "batch_matmul" else jnp.einsum("...q,pq->...p", x, w)
+    y = _xwt(x, w) if form == "batch_matmul" else jnp.einsum("...q,pq->...p", x, w)
+    return checkpoint_name(y, MATMUL_OUT)
 
 
 def matmul(x, w, form: str = "einsum"):
     """x (..., q) @ w (q, p) -> (..., p), written as ``form``."""
-    return _xw(x, w) if form == "batch_matmul" else jnp.einsum("...q,qp->...p", x, w)
+    y = _xw(x, w) if form == "batch_matmul" else jnp.einsum("...q,qp->...p", x, w)
+    return checkpoint_name(y, MATMUL_OUT)
 
 
 def linear(x, w, b=None, form: str = "einsum"):

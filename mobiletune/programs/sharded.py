@@ -11,6 +11,10 @@ One optimizer step on the phone (``mobiletune.runtime.sharded``) runs, per micro
       merges chunks online, so the B·T·V logits never exist and the head is read once
   [head_wgrad(hn, W_c, lse, mask) -> dW_c, a second pass, only when the head trains]
   dh = norm_bwd(h_L, dhn);  dh, dW_i = block_bwd(h_i, dh, W_i)   (recomputes the block)
+      or, where the host's memory budget allows (``block_fwd_save`` / ``block_bwd_saved``):
+      h_{i+1}, R_i = block_fwd_save(h_i, W_i);  dh, dW_i = block_bwd_saved(dh, R_i, W_i)
+      R_i: the block's matmul outputs (``SAVE_POLICY``), so the backward pass recomputes only
+      the elementwise ops (norms, activations, softmax) from them
   [embedding gradient: host scatter-add, only when the embedding trains]
 and then ``opt_decay`` / ``opt_nodecay`` (the recipe's optax optimizer, elementwise) over
 fixed-size chunks of each shard's flattened trainable vector. Global-norm clipping is a
@@ -24,6 +28,7 @@ and window are signature inputs.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +49,24 @@ NO_WINDOW = 1 << 30                  # "global" attention as a window no sequenc
 # runs a one-row FULLY_CONNECTED on a faster path than a few rows (SmolLM2-135M, 30 pinned
 # layers: 57 ms per call with 1 row, 106 with 4, 135 with 8).
 DECODE_CHUNK = 1
+# What ``block_fwd_save`` keeps for the backward pass: every product's output
+# (``layers.MATMUL_OUT``); norms, activations, softmax and the attention scores (small
+# products) are recomputed from them. Measured per layer at the bench shapes: GPT-2
+# b4×s128 16.5 MB (61 MB saving everything), SmolLM2 b4×s128 9 MB, Qwen 2.5 0.5B 25 MB.
+SAVE_POLICY = jax.checkpoint_policies.save_only_these_names(L.MATMUL_OUT)
+
+
+class ResidualPlan(NamedTuple):
+    """How ``block_bwd_saved`` rebuilds the block's VJP: its pytree structure, and for each
+    leaf either the signature input it is (a str: ``h``, a weight) or its index in
+    ``saved`` (the ``R`` outputs of ``block_fwd_save``)."""
+    treedef: Any
+    sources: tuple
+    saved: tuple[TensorSpec, ...]
+
+    def inputs(self) -> list[str]:
+        """The signature inputs the backward pass reads besides ``dh`` and the residuals."""
+        return sorted({s for s in self.sources if isinstance(s, str)})
 
 
 def decode_cfg(cfg):
@@ -99,6 +122,7 @@ class ShardedModel:
                     "nodecay": make_optimizer(dataclasses.replace(
                         optim, clip_norm=None, weight_decay=0.0))}
         self.groups = self._groups()
+        self._plans: dict[tuple, ResidualPlan] = {}
 
     def _attn(self, i):
         if self.spec.attention_kind is None:
@@ -133,6 +157,26 @@ class ShardedModel:
         return tuple(B.OptLeaf(leaf_path(p), tuple(v.shape), str(v.dtype)) for p, v in paths)
 
     # --- signature functions ------------------------------------------------------------
+    def _attn_of(self, kw):
+        """RoPE base, scaling and window from a signature's inputs (None: no RoPE)."""
+        if self.layers[0]["attn"] is None:
+            return None
+        return kw["rope_theta"], kw["rope_factor"], kw["window"]
+
+    def _attn_specs(self) -> list[TensorSpec]:
+        if self.layers[0]["attn"] is None:
+            return []
+        return [TensorSpec("rope_theta", (), "float32"), TensorSpec("rope_factor", (), "float32"),
+                TensorSpec("window", (), "int32")]
+
+    def _block_specs(self, kind: str, k: int) -> list[TensorSpec]:
+        """block_fwd's inputs: h, the RoPE scalars, the kind's weights (frozen, trainable)."""
+        p0 = next(lay["prefix"] for lay in self.layers if lay["kind"] == kind)
+        rels = self.kinds[kind]["frozen"] + self.kinds[kind]["trainable"]
+        return [TensorSpec("h", (k, self.seq_len, self.cfg.hidden_size), "float32"),
+                *self._attn_specs(),
+                *[TensorSpec(W + r, tuple(self.shapes[p0 + r]), "float32") for r in rels]]
+
     def _lora(self):
         return None if self.lcfg is None else self.lcfg.ctx()
 
@@ -144,6 +188,61 @@ class ShardedModel:
     def block_bwd(self, h, dh, attn, w_frozen, w_train):
         _, vjp = jax.vjp(lambda x, wt: self.block_fwd(x, attn, {**w_frozen, **wt}), h, w_train)
         return vjp(dh)                                             # (dh_in, {name: grad})
+
+    def _saving_vjp(self, kw: dict, fr, tr):
+        """(h_out, saved residuals, treedef, sources) of the block under ``SAVE_POLICY``,
+        ``kw`` the signature's inputs: each VJP leaf that *is* an input is named, not saved
+        (weights and h are on the host already); repeated leaves are saved once."""
+        def f(x, wt):
+            return self.block_fwd(x, self._attn_of(kw), {**{r: kw[W + r] for r in fr}, **wt})
+        out, vjp = jax.vjp(jax.checkpoint(f, policy=SAVE_POLICY), kw["h"],
+                           {r: kw[W + r] for r in tr})
+        leaves, treedef = jax.tree.flatten(vjp)
+        saved, sources = [], []
+        for x in leaves:
+            src = next((n for n, v in kw.items() if v is x), None)
+            if src is None:
+                src = next((j for j, y in enumerate(saved) if y is x), len(saved))
+                if src == len(saved):
+                    saved.append(x)
+            sources.append(src)
+        return out, saved, treedef, tuple(sources)
+
+    def residual_plan(self, kind: str, k: int) -> ResidualPlan:
+        """The saved-residual layout of one block kind at micro-batch ``k`` (traced once)."""
+        if (kind, k) not in self._plans:
+            fr, tr = self.kinds[kind]["frozen"], self.kinds[kind]["trainable"]
+            box = {}
+
+            def f(kw):
+                _, saved, treedef, sources = self._saving_vjp(kw, fr, tr)
+                box["plan"] = (treedef, sources)
+                return saved
+            specs = self._block_specs(kind, k)
+            shapes = jax.eval_shape(f, {s.name: jax.ShapeDtypeStruct(s.shape, s.dtype)
+                                        for s in specs})
+            bad = [str(x.dtype) for x in shapes if str(x.dtype) not in ("float32", "int32")]
+            if bad:
+                raise MobiletuneError(f"block kind {kind}: a saved residual of dtype {bad[0]}; "
+                                      f"signatures carry float32 and int32 only")
+            self._plans[(kind, k)] = ResidualPlan(*box["plan"], tuple(
+                TensorSpec(f"{B.R}{i:02d}", tuple(x.shape), str(x.dtype))
+                for i, x in enumerate(shapes)))
+        return self._plans[(kind, k)]
+
+    def block_fwd_save(self, kw: dict, kind: str, k: int) -> dict:
+        plan = self.residual_plan(kind, k)
+        names = self.kinds[kind]
+        out, saved, _, sources = self._saving_vjp(kw, names["frozen"], names["trainable"])
+        if sources != plan.sources:
+            raise MobiletuneError(f"block kind {kind}: the saved residuals traced differently")
+        return {"h": out, **{s.name: x for s, x in zip(plan.saved, saved)}}
+
+    def block_bwd_saved(self, kw: dict, kind: str, k: int) -> dict:
+        plan = self.residual_plan(kind, k)
+        leaves = [kw[s] if isinstance(s, str) else kw[plan.saved[s].name] for s in plan.sources]
+        dh, gw = jax.tree.unflatten(plan.treedef, leaves)(kw["dh"])
+        return {"dh": dh, **{G + r: v for r, v in gw.items()}}
 
     def block_prefill(self, h, attn, w):
         """``block_fwd`` plus the block's keys and values of every position (1, T, K, Dh)."""
@@ -222,14 +321,8 @@ class ShardedModel:
         t, d = self.seq_len, self.cfg.hidden_size
         f32 = "float32"
         out = {}
-        attn_specs = [] if self.layers[0]["attn"] is None else [
-            TensorSpec("rope_theta", (), f32), TensorSpec("rope_factor", (), f32),
-            TensorSpec("window", (), "int32")]
-
-        def attn_of(kw):
-            if not attn_specs:
-                return None
-            return kw["rope_theta"], kw["rope_factor"], kw["window"]
+        attn_specs = self._attn_specs()
+        attn_of = self._attn_of
 
         def wspecs(rels, prefix_shape):
             return [TensorSpec(W + r, tuple(self.shapes[prefix_shape + r]), f32) for r in rels]
@@ -239,10 +332,10 @@ class ShardedModel:
         vc = self.vocab_chunk
         for k in variants:
             hs = TensorSpec("h", (k, t, d), f32)
+            dhs = TensorSpec("dh", (k, t, d), f32)
             for kind, names in self.kinds.items():
-                p0 = next(lay["prefix"] for lay in self.layers if lay["kind"] == kind)
                 fr, tr = names["frozen"], names["trainable"]
-                ws = wspecs(fr + tr, p0)
+                specs = self._block_specs(kind, k)
 
                 def fwd(kw, fr=fr, tr=tr):
                     w = {r: kw[W + r] for r in fr + tr}
@@ -252,9 +345,15 @@ class ShardedModel:
                     dh, gw = self.block_bwd(kw["h"], kw["dh"], attn_of(kw),
                                             {r: kw[W + r] for r in fr}, {r: kw[W + r] for r in tr})
                     return {"dh": dh, **{G + r: v for r, v in gw.items()}}
-                out[B.block_fwd_sig(kind, k)] = (fwd, [hs, *attn_specs, *ws])
-                out[B.block_bwd_sig(kind, k)] = (bwd, [hs, TensorSpec("dh", (k, t, d), f32),
-                                                       *attn_specs, *ws])
+                out[B.block_fwd_sig(kind, k)] = (fwd, specs)
+                out[B.block_bwd_sig(kind, k)] = (bwd, [hs, dhs, *specs[1:]])
+                plan = self.residual_plan(kind, k)
+                used = set(plan.inputs())
+                out[B.block_fwd_save_sig(kind, k)] = (
+                    lambda kw, kind=kind, k=k: self.block_fwd_save(kw, kind, k), specs)
+                out[B.block_bwd_saved_sig(kind, k)] = (
+                    lambda kw, kind=kind, k=k: self.block_bwd_saved(kw, kind, k),
+                    [dhs, *plan.saved, *[s for s in specs if s.name in used]])
             ns = [TensorSpec(W + n, tuple(self.shapes[n]), f32) for n in self.norm_names]
 
             def nfwd(kw):

@@ -92,6 +92,7 @@ FILE_ROLES = {"program": PROGRAM, "state": STATE, "base_weights": BASE, "weights
 TRAINABLE, ACC, OPT, FROZEN = "trainable/", "acc/", "opt/", "frozen/"
 ACC_NLL, ACC_COUNT, STEP = "acc_nll", "acc_count", "step"
 W, G, S = "w__", "g__", "s__"        # sharded inputs: weights, gradients, optimizer state
+R = "r__"   # a block's saved residuals: block_fwd_save's outputs, block_bwd_saved's inputs
 APPLY, INFER, GET_STATE, SET_STATE, SET_FROZEN = ("apply", "infer", "get_state", "set_state",
                                                   "set_frozen")
 PREFILL, DECODE, NORM_DECODE = "prefill", "decode", "norm_decode"   # KV-cache decoding
@@ -151,6 +152,16 @@ def block_fwd_sig(kind: str, k: int) -> str:
 
 def block_bwd_sig(kind: str, k: int) -> str:
     return f"block_bwd_{kind}_b{k}"
+
+
+def block_fwd_save_sig(kind: str, k: int) -> str:
+    """Optional: ``block_fwd`` that also returns what the backward pass needs (``R`` names)."""
+    return f"block_fwd_save_{kind}_b{k}"
+
+
+def block_bwd_saved_sig(kind: str, k: int) -> str:
+    """Optional: ``block_bwd`` from saved residuals, without recomputing the block's matmuls."""
+    return f"block_bwd_saved_{kind}_b{k}"
 
 
 def norm_fwd_sig(k: int) -> str:

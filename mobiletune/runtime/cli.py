@@ -48,14 +48,20 @@ def build_parser(prog: str = "python -m mobiletune.runtime") -> argparse.Argumen
     p.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints")
     p.add_argument("--memory-budget-mb", type=float,
                    help="sharded bundles: memory this process may use; the headroom left "
-                        "after the first micro-batch keeps layer weights between the forward "
-                        "and backward passes instead of re-reading them (default: keep none)")
+                        "after the first micro-batch goes first to saved residuals (the last "
+                        "layers' backward passes then skip recomputing their matmuls: faster), "
+                        "then to layer weights kept between the forward and backward passes "
+                        "(default: no budget, so save and keep none: least memory)")
     p.add_argument("--state-store", choices=("auto", "ram", "disk"), default="auto",
                    help="sharded bundles: keep the trainable state (parameters, gradients, "
                         "optimizer moments) in RAM or stream it shard by shard through a "
                         "memory-mapped file under --out; auto: the file when the state needs "
                         "more than half of --memory-budget-mb, or more than 256 MB without a "
                         "budget (a full fine-tune; LoRA stays in RAM)")
+    p.add_argument("--head", choices=("host", "program"), default="host",
+                   help="sharded bundles: run the head's vocabulary chunks in numpy on the host "
+                        "(default; faster where numpy's BLAS beats LiteRT's matmul, as on the "
+                        "x86 machines measured) or as the bundle's head_fwd signature in LiteRT")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("generate", help="generate with the bundle's weights (KV cache)",
@@ -132,7 +138,8 @@ def cmd_train(args) -> int:
     r = device_train(args.bundle, args.data, args.out, steps=args.steps, battery=args.battery,
                      threads=args.threads, resume=args.resume, thresholds=th,
                      checkpoint_every=args.checkpoint_every,
-                     memory_budget_mb=args.memory_budget_mb, state_store=args.state_store)
+                     memory_budget_mb=args.memory_budget_mb, state_store=args.state_store,
+                     head=args.head)
     if r.finished:
         print(f"done: {r.step} steps; peak RSS {peak_rss_mb():.0f} MB; outputs in {r.out}")
         return EXIT_OK

@@ -150,11 +150,12 @@ class DeviceTrainer:
     @classmethod
     def open(cls, bundle, data_paths, out, *, threads: int | None = None,
              memory_budget_mb: float | None = None, state_store: str = "auto",
-             **kw) -> "DeviceTrainer":
+             head: str = "host", **kw) -> "DeviceTrainer":
         """``state_store``: where a sharded bundle's trainable state lives (auto | ram |
-        disk: a file under ``out``; ``runtime.sharded.state_store.choose``)."""
+        disk: a file under ``out``; ``runtime.sharded.state_store.choose``); ``head``: where
+        a sharded bundle's steps run the head (host: numpy | program: LiteRT)."""
         runner = open_bundle(bundle, threads=threads, memory_budget_mb=memory_budget_mb,
-                             state_dir=out, state_store=state_store)
+                             state_dir=out, state_store=state_store, head=head)
         tok = Tokenizer.from_dir(bundle)
         return cls(runner, bundle, prepare_data(runner, tok, data_paths), out, **kw)
 
@@ -171,12 +172,16 @@ class DeviceTrainer:
                                                    self.m.data["seed"], meta["data"],
                                                    batch_size=self.m.effective_batch)
             self.step = step
+            if hasattr(self.runner, "set_memory_plan"):   # sharded: the same saved layers
+                self.runner.set_memory_plan(meta.get("memory"))
             self.log(f"resumed from step {step}")
         return self.step
 
     def checkpoint(self) -> None:
+        plan = getattr(self.runner, "memory_plan", lambda: None)()
         self.ckpts.save(self.step, self.runner.get_state(),
-                        {"data": self.data.state(), "bundle": self.bundle_hash},
+                        {"data": self.data.state(), "bundle": self.bundle_hash,
+                         **({"memory": plan} if plan else {})},
                         after=self.runner.release)
 
     def write_outputs(self) -> None:
@@ -297,7 +302,7 @@ def device_train(bundle, data_paths, out, steps: int | None = None, battery: str
                  threads: int | None = None, resume: bool = False, checkpoint_every: int = 10,
                  thresholds=None, poll_s: float = 60.0, stop_after: int | None = None,
                  clock=None, memory_budget_mb: float | None = None,
-                 state_store: str = "auto") -> DeviceRun:
+                 state_store: str = "auto", head: str = "host") -> DeviceRun:
     """Train a bundle on local data (``mobiletune device train``; same defaults).
     ``battery``: auto | sysfs | termux | trace:FILE | none; a trace is replayed on a
     simulated clock (``clock``, default ``SimClock``) advanced by each step's measured
@@ -307,7 +312,7 @@ def device_train(bundle, data_paths, out, steps: int | None = None, battery: str
     out = Path(out)
     t = DeviceTrainer.open(bundle, data_paths, out, threads=threads,
                            memory_budget_mb=memory_budget_mb, state_store=state_store,
-                           battery=battery,
+                           head=head, battery=battery,
                            thresholds=thresholds, checkpoint_every=checkpoint_every,
                            poll_s=poll_s, clock=clock)
     if resume:

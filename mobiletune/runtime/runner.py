@@ -85,12 +85,13 @@ def check_position(m: Manifest, pos: int) -> None:
 
 def open_bundle(bundle_dir, threads: int | None = None, state: dict | None = None,
                 verify: bool = True, memory_budget_mb: float | None = None,
-                state_dir=None, state_store: str = "auto") -> Runner:
+                state_dir=None, state_store: str = "auto", head: str = "host") -> Runner:
     """Validate the manifest (and, with ``verify``, every file's size and sha256), load the
     program into LiteRT, check its signatures against the manifest, and load the initial
     state (or ``state``). ``memory_budget_mb``, ``state_dir`` and ``state_store`` apply to
     sharded bundles: the trainable state streams from a file under ``state_dir`` when
-    ``runtime.sharded.state_store.choose`` says so."""
+    ``runtime.sharded.state_store.choose`` says so; ``head``: where their training steps
+    run the head (``host``: numpy, or ``program``: LiteRT)."""
     from mobiletune.runtime.litert import LiteRTCalls
     d = Path(bundle_dir)
     m = read_manifest(d)
@@ -102,7 +103,7 @@ def open_bundle(bundle_dir, threads: int | None = None, state: dict | None = Non
     calls = LiteRTCalls.open(d / PROGRAM, m, threads)
     if m.sharded is not None:
         from mobiletune.runtime.sharded import ShardedRunner
-        r = ShardedRunner(d, m, calls, memory_budget_mb, state_dir, state_store)
+        r = ShardedRunner(d, m, calls, memory_budget_mb, state_dir, state_store, head)
     else:
         from mobiletune.runtime.monolithic import MonolithicRunner
         r = MonolithicRunner(d, m, calls)

@@ -4,9 +4,12 @@
   h_{i+1} = block_fwd(h_i, W_i)                 every layer, h_i kept (B·T·D each)
   hn = norm_fwd(h_L)
   per vocabulary chunk: head_fwd(hn, W_c)       the host merges the chunks' log-sum-exp
-                                                and softmax-weighted rows online
+                                                and softmax-weighted rows online (the chunk
+                                                itself in numpy by default: ``head.py``)
   [head_wgrad per chunk, when the head trains]
   dh = norm_bwd(h_L, dhn); dh, dW_i = block_bwd(h_i, dh, W_i)   (recomputes the block)
+     or, for the last n layers when the memory budget has room for their residuals R_i:
+     h_{i+1}, R_i = block_fwd_save(h_i, W_i) ... dh, dW_i = block_bwd_saved(dh, R_i, W_i)
   [embedding gradient: a host scatter-add, when the embedding trains]
 
 SplitLoRA (``runtime.split``) runs the same chain cut at layer k: ``hidden_states(ids, k)``
@@ -15,8 +18,11 @@ up, the server's dL/dh_k down, ``backward_blocks`` for layers k-1 ... 0.
 Memory: the trainable state (or, streamed through ``state_store``, the shard in use: a
 layer's tensors and gradients are released once its signature has run), the boundary
 activations (one (B, T, D) per layer), one layer's widened weights (or one vocabulary
-chunk of the head) and the interpreter's arenas;
-``memory_budget_mb`` lets widened weights stay between the passes (``weights.LayerCache``).
+chunk of the head) and the interpreter's arenas. ``memory_budget_mb``: the headroom left
+after the first micro-batch (the budget less its peak RSS and 64 MB; it saves nothing) goes
+first to saved residuals (no recompute for the last n layers, n as many as fit, with the
+saving signatures' arenas charged as ``ARENA_LAYERS`` more), then to widened weights kept
+between the passes (``weights.LayerCache``); ``memory_plan`` keeps the decision for resume.
 It is a ``runtime.runner.Runner``; open it with ``runtime.runner.open_bundle``.
 """
 
@@ -27,17 +33,28 @@ from pathlib import Path
 import numpy as np
 
 from mobiletune.runtime import bundle as B
-from mobiletune.runtime.metrics import rss_mb
+from mobiletune.runtime.metrics import peak_rss_mb
 from mobiletune.runtime.runner import check_variant, padded_tokens
 from mobiletune.runtime.sharded import optimizer
+from mobiletune.runtime.sharded.head import head_chunk
 from mobiletune.runtime.sharded.host_state import HostState
 from mobiletune.runtime.sharded.weights import LayerCache, WeightStore
+
+# The saved-residual signatures' own interpreter arenas, in layers' worth of residuals,
+# charged to the budget once: measured on GPT-2 small LoRA b4×s128, 12 layers saved, peak
+# RSS +358 MB = 198 MB of residuals + ~160 MB (the two signatures' arenas: ~10 layers).
+ARENA_LAYERS = 10
+# Where a training step's head chunks run: numpy on the host (``head.py``) or the bundle's
+# ``head_fwd`` signature in LiteRT.
+HEADS = ("host", "program")
 
 
 class ShardedRunner:
     def __init__(self, bundle_dir: Path, manifest: B.Manifest, calls, memory_budget_mb=None,
-                 state_dir=None, state_store: str = "auto"):
-        self.dir, self.manifest, self.call = Path(bundle_dir), manifest, calls
+                 state_dir=None, state_store: str = "auto", head: str = "host"):
+        if head not in HEADS:
+            raise B.BundleError(f"head={head!r}: expected one of {', '.join(HEADS)}")
+        self.dir, self.manifest, self.call, self.head_on = Path(bundle_dir), manifest, calls, head
         self.lay = manifest.sharded
         self.store = WeightStore(self.dir / B.WEIGHTS)
         self.cache = LayerCache(self.store, memory_budget_mb)
@@ -45,6 +62,8 @@ class ShardedRunner:
         self.vocab = int(manifest.model["vocab_size"])
         self.softcap = manifest.model.get("final_logit_softcapping")
         self._decoder = None
+        self._room = None   # bytes for residuals + cached weights, after the first micro-batch
+        self._saved: dict[int, dict] = {}   # layer -> its residuals, forward to backward
 
     # --- the Runner interface -------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:
@@ -77,8 +96,46 @@ class ShardedRunner:
         nll, count = self._loss_and_grads(batch, grads=True)
         self.state.acc_nll[...] += np.float32(nll)
         self.state.acc_count[...] += np.float32(count)
-        self.cache.measured(rss_mb())
+        if self._room is None and self.cache.budget is not None:
+            self._set_room(max(0, int((self.cache.budget - peak_rss_mb() - 64) * 2**20)),
+                           len(batch["inputs"]))
         return nll, count
+
+    def _set_room(self, room: int, k: int) -> None:
+        self._room = room
+        n = self.saved_layers(k)
+        self.cache.set_capacity(room - (n + ARENA_LAYERS * (n > 0)) * self.residual_bytes(k))
+
+    def memory_plan(self) -> dict | None:
+        """What the budget decided (kept in checkpoints: a resumed run saves the same layers'
+        residuals from its first micro-batch, so it continues bit for bit)."""
+        if self._room is None:
+            return None
+        return {"budget_mb": self.cache.budget, "room": self._room}
+
+    def set_memory_plan(self, plan: dict | None) -> None:
+        """Adopt a checkpoint's ``memory_plan`` when it was made under the same budget."""
+        if plan and self.cache.budget is not None and plan.get("budget_mb") == self.cache.budget:
+            self._set_room(int(plan["room"]), min(self.manifest.variants))
+
+    def residual_bytes(self, k: int) -> int:
+        """Bytes one layer's saved residuals take at micro-batch ``k`` (0: the bundle has
+        no ``block_fwd_save`` signatures, or its kinds differ in them: the largest)."""
+        sizes = [0]
+        for kind in {ly.kind for ly in self.lay.layers}:
+            name = B.block_fwd_save_sig(kind, k)
+            if not any(s.name == name for s in self.manifest.signatures):
+                return 0
+            sizes.append(sum(int(np.prod(o.shape)) * 4 for o in
+                             self.manifest.signature(name).outputs if o.name.startswith(B.R)))
+        return max(sizes)
+
+    def saved_layers(self, k: int) -> int:
+        """How many layers (the last ones) save their residuals at micro-batch ``k``."""
+        per = self.residual_bytes(k)
+        if not self._room or not per:
+            return 0
+        return max(0, min(len(self.lay.layers), self._room // per - ARENA_LAYERS))
 
     def eval(self, batch: dict) -> tuple[float, float]:
         self._trains()
@@ -110,21 +167,30 @@ class ShardedRunner:
     def decode(self, token: int, pos: int, cache) -> np.ndarray:
         return self.decoder().decode(token, pos, cache)
 
-    def hidden_states(self, ids, upto: int | None = None, weights: dict | None = None
-                      ) -> list[np.ndarray]:
+    def hidden_states(self, ids, upto: int | None = None, weights: dict | None = None,
+                      save: bool = False) -> list[np.ndarray]:
         """The backbone's hidden states h_0 (the embedding) ... h_upto (after layer upto-1;
         default: all L layers), each (k, T, D), for int32 token ids (k, T) — what
         side-tuning sends, and SplitLoRA's phone half (h_upto goes up to the server).
-        ``weights``: full names -> arrays that replace the store's (an adapter folded in)."""
+        ``weights``: full names -> arrays that replace the store's (an adapter folded in).
+        ``save``: the last ``saved_layers`` layers keep their residuals for
+        ``backward_blocks``."""
         ids = np.asarray(ids, np.int32)
         k = len(ids)
         hs = [self._embed(ids)]
+        self._saved.clear()
+        first_saved = len(self.lay.layers) - (self.saved_layers(k) if save else 0)
         for i, ly in enumerate(self.lay.layers[:upto]):
             ins = self._layer_inputs(i)
             if weights:
                 ins.update({B.W + n[len(ly.prefix):]: v for n, v in weights.items()
                             if n.startswith(ly.prefix) and B.W + n[len(ly.prefix):] in ins})
-            hs.append(self.call(B.block_fwd_sig(ly.kind, k), {"h": hs[-1], **ins})["h"])
+            if i >= first_saved:
+                out = self.call(B.block_fwd_save_sig(ly.kind, k), {"h": hs[-1], **ins})
+                self._saved[i] = {r: v for r, v in out.items() if r.startswith(B.R)}
+            else:
+                out = self.call(B.block_fwd_sig(ly.kind, k), {"h": hs[-1], **ins})
+            hs.append(out["h"])
             self._done(i)
         return hs
 
@@ -135,8 +201,16 @@ class ShardedRunner:
         k, grad = len(ids), self.state.grad
         for i in reversed(range(len(hs) - 1)):
             ly = self.lay.layers[i]
-            out = self.call(B.block_bwd_sig(ly.kind, k), {"h": hs[i], "dh": dh,
-                                                           **self._layer_inputs(i)})
+            saved = self._saved.pop(i, None)
+            if saved is None:
+                out = self.call(B.block_bwd_sig(ly.kind, k), {"h": hs[i], "dh": dh,
+                                                               **self._layer_inputs(i)})
+            else:
+                name = B.block_bwd_saved_sig(ly.kind, k)
+                ins = {"h": hs[i], **self._layer_inputs(i)}
+                want = [s.name for s in self.manifest.signature(name).inputs]
+                out = self.call(name, {"dh": dh, **saved,
+                                       **{x: ins[x] for x in want if x in ins}})
             self._add_grads(ly.prefix, out)
             self._done(i)
             dh = out["dh"]
@@ -237,9 +311,9 @@ class ShardedRunner:
             yield c0, n, buf, valid
 
     # --- the chain ------------------------------------------------------------------------
-    def _forward(self, batch) -> tuple[list, np.ndarray, dict]:
+    def _forward(self, batch, save: bool = False) -> tuple[list, np.ndarray, dict]:
         k = len(batch["inputs"])
-        hs = self.hidden_states(batch["inputs"])
+        hs = self.hidden_states(batch["inputs"], save=save)
         norm = {B.W + n: self.weight(n) for n in self.lay.norm}
         hn = self.call(B.norm_fwd_sig(k), {"h": hs[-1], **norm})["hn"]
         self.state.release_tensors(self.lay.norm)
@@ -252,9 +326,13 @@ class ShardedRunner:
         tl = np.zeros(targets.shape, np.float32)
         tg = np.zeros(targets.shape, np.float32)
         u = np.zeros(hn.shape, np.float32) if grads else None
-        for c0, _, w, valid in self._head_chunks():
-            o = self.call(B.head_fwd_sig(k), {"hn": hn, "w": w, "col_valid": valid,
-                                              "labels": (targets - c0).astype(np.int32)})
+        for c0, n, w, valid in self._head_chunks():
+            labels = (targets - c0).astype(np.int32)
+            if self.head_on == "host":
+                o = head_chunk(hn, w[:n], labels, self.softcap)
+            else:
+                o = self.call(B.head_fwd_sig(k), {"hn": hn, "w": w, "col_valid": valid,
+                                                  "labels": labels})
             new = np.logaddexp(lse, o["lse"])
             if grads:
                 u = u * np.exp(lse - new)[..., None] + o["u"] * np.exp(o["lse"] - new)[..., None]
@@ -274,7 +352,7 @@ class ShardedRunner:
         ids = np.asarray(batch["inputs"], np.int32)
         targets = np.asarray(batch["targets"], np.int32)
         mask = np.asarray(batch["loss_mask"], np.float32)
-        hs, hn, norm = self._forward(batch)
+        hs, hn, norm = self._forward(batch, save=grads)
         lse, tl, u, t = self._head(k, hn, targets, grads)
         nll = float(((lse - tl) * mask).sum(dtype=np.float32))
         count = float(mask.sum(dtype=np.float32))

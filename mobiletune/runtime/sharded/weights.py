@@ -154,7 +154,6 @@ class LayerCache:
         """Bytes of widened weights held now."""
         return self._bytes
 
-    def measured(self, rss_mb: float) -> None:
-        """Called after a micro-batch: fixes the capacity from the budget's headroom."""
-        if self._cap is None:
-            self._cap = max(0, int((self.budget - rss_mb - 64) * 2**20))
+    def set_capacity(self, nbytes: int) -> None:
+        """Called after the first micro-batch with the budget's headroom left for weights."""
+        self._cap = max(0, int(nbytes))
