@@ -141,6 +141,7 @@ class DeviceTrainer:
         self.data = D.BatchIterator(train, min(self.m.variants), self.m.data["seed"],
                                     batch_size=self.m.effective_batch)
         self.step, self.decision, self.metrics = 0, None, None
+        self._memory_told = False
         self.hooks = Hooks()
         log(f"battery: {described}")
         store = getattr(getattr(runner, "state", None), "store", None)    # sharded bundles
@@ -244,6 +245,9 @@ class DeviceTrainer:
         if self.hooks.before_apply:
             self.hooks.before_apply(self)
         loss, _ = self.runner.apply()
+        if not self._memory_told and getattr(self.runner, "memory_plan", lambda: None)():
+            self._memory_told = True
+            self.log(f"memory budget: {self.runner.describe_memory(k)}")
         if self.hooks.after_apply:
             self.hooks.after_apply(self)
         compute = time.perf_counter() - t0 - (0 if isinstance(self.clock, SimClock) else slept)

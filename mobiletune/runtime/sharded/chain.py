@@ -113,6 +113,14 @@ class ShardedRunner:
             return None
         return {"budget_mb": self.cache.budget, "room": self._room}
 
+    def describe_memory(self, k: int) -> str:
+        """What the budget bought, for the log."""
+        n, per = self.saved_layers(k), self.residual_bytes(k)
+        return (f"{self._room / 2**20:.0f} MB of room: the last {n} of {len(self.lay.layers)} "
+                f"layers save their residuals ({n * per / 2**20:.1f} MB at micro-batch {k}; no "
+                f"recompute in their backward pass), up to {self.cache.capacity / 2**20:.0f} MB "
+                f"of layer weights kept between the passes")
+
     def set_memory_plan(self, plan: dict | None) -> None:
         """Adopt a checkpoint's ``memory_plan`` when it was made under the same budget."""
         if plan and self.cache.budget is not None and plan.get("budget_mb") == self.cache.budget:
@@ -247,9 +255,10 @@ class ShardedRunner:
 
     def _done(self, i: int) -> None:
         """Layer ``i``'s trainable tensors and gradients leave the resident set (a streamed
-        state; a no-op in RAM)."""
+        state; a no-op in RAM), and so do the pages of its frozen weights' views."""
         ly = self.lay.layers[i]
         self.state.release_tensors(ly.prefix + r for r in self.lay.kinds[ly.kind].trainable)
+        self.store.release_pending()
 
     def _layer_inputs(self, i: int) -> dict:
         ly = self.lay.layers[i]
@@ -317,6 +326,7 @@ class ShardedRunner:
         norm = {B.W + n: self.weight(n) for n in self.lay.norm}
         hn = self.call(B.norm_fwd_sig(k), {"h": hs[-1], **norm})["hn"]
         self.state.release_tensors(self.lay.norm)
+        self.store.release_pending()
         return hs, hn, norm
 
     def _head(self, k, hn, targets, grads: bool):

@@ -42,6 +42,7 @@ class WeightStore:
             self.entries[name] = (np.dtype(dt), shape, start + b)
         self._f = open(self.path, "rb")
         self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._pending: list[tuple[int, int]] = []   # views out: (offset, bytes) to release
         self.scales = {}  # int8 tensor name -> float32 scales, (rows, 1) or (1, cols)
         for name, (dt, shape, _) in list(self.entries.items()):
             if dt == np.int8:
@@ -83,14 +84,28 @@ class WeightStore:
         a = np.frombuffer(self._mm, dt, count=n, offset=b0)
         return a.reshape((r1 - r0, *shape[1:]) if shape else ()), b0, n * dt.itemsize
 
+    def release_pending(self) -> None:
+        """Hand back the pages of every view ``get(copy=False)`` gave out (the views stay
+        valid: touching them again reads the pages back in)."""
+        for b0, nb in self._pending:
+            self.release(b0, nb)
+        self._pending.clear()
+
     def release(self, b0: int, nbytes: int) -> None:
         lo = b0 // _PAGE * _PAGE
         hi = -(-(b0 + nbytes) // _PAGE) * _PAGE
         self._mm.madvise(mmap.MADV_DONTNEED, lo, min(hi, len(self._mm)) - lo)
 
-    def get(self, name, r0: int = 0, r1: int | None = None, out=None) -> np.ndarray:
-        """A float32 copy of a tensor (or rows r0:r1 of it); its pages are released."""
+    def get(self, name, r0: int = 0, r1: int | None = None, out=None,
+            copy: bool = True) -> np.ndarray:
+        """A float32 copy of a tensor (or rows r0:r1 of it); its pages are released.
+        ``copy=False``: a float32 tensor comes back as a read-only view of the mapping (no
+        copy: LiteRT copies its inputs anyway), its pages released by ``release_pending``
+        once the caller has used it; other dtypes are widened into a copy as before."""
         a, b0, nb = self._view(name, r0, r1)
+        if not copy and out is None and a.dtype == np.float32 and name not in self.scales:
+            self._pending.append((b0, nb))
+            return a
         if out is None:
             res = a.astype(np.float32)
         else:
@@ -140,14 +155,20 @@ class LayerCache:
         if hit is not None:
             self._cache.move_to_end(name)
             return hit
+        if not self._cap:   # nothing kept: a view of the mapping, no copy (float32 stores)
+            return self.store.get(name, copy=False)
         a = self.store.get(name)
-        if self._cap:
-            self._cache[name] = a
-            self._bytes += a.nbytes
-            while self._bytes > self._cap and self._cache:
-                _, old = self._cache.popitem(last=False)
-                self._bytes -= old.nbytes
+        self._cache[name] = a
+        self._bytes += a.nbytes
+        while self._bytes > self._cap and self._cache:
+            _, old = self._cache.popitem(last=False)
+            self._bytes -= old.nbytes
         return a
+
+    @property
+    def capacity(self) -> int:
+        """Bytes it may keep (0 until the first micro-batch has measured the room)."""
+        return self._cap or 0
 
     @property
     def bytes(self) -> int:
