@@ -1,6 +1,6 @@
 """Where a sharded training step's time goes, per lever, side by side in one run.
 
-  python benchmarks/sharded_profile.py BUNDLE [--steps 3] [--threads 2]
+  python benchmarks/sharded_profile.py BUNDLE [--steps 3] [--threads 2] [--state-store disk]
 
 Runs one micro-batch + optimizer step of the sharded bundle (random tokens, the bundle's
 largest micro-batch) under each configuration, each in its own process (peak RSS from
@@ -33,12 +33,13 @@ CONFIGS = {"program-head": {"head": "program", "budget": None},
            "saved": {"head": "host", "budget": 100_000}}
 
 CHILD = r"""
-import collections, json, re, sys, time
+import collections, json, re, sys, tempfile, time
 import numpy as np
 from mobiletune.runtime.runner import open_bundle
 from mobiletune.runtime.sharded import chain
-bundle, head, budget, steps, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-r = open_bundle(bundle, threads=threads, verify=False, head=head,
+bundle, head, budget, steps, threads, store = sys.argv[1:4] + [int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]]
+r = open_bundle(bundle, threads=threads, verify=False, head=head, state_store=store,
+                state_dir=(run_dir := tempfile.TemporaryDirectory(prefix="mobiletune-profile-")).name,
                 memory_budget_mb=None if budget == "None" else float(budget))
 T = collections.defaultdict(float)
 call = r.call
@@ -73,12 +74,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated")
+    ap.add_argument("--state-store", default="auto", choices=("auto", "ram", "disk"),
+                    help="the same for every configuration (a budget would move auto's choice)")
     args = ap.parse_args(argv)
     res = {}
     for name in args.configs.split(","):
         c = CONFIGS[name]
         ch = common.run([sys.executable, "-c", CHILD, args.bundle, c["head"], c["budget"],
-                         args.steps, args.threads], args.threads)
+                         args.steps, args.threads, args.state_store], args.threads)
         if ch.rc:
             print(f"{name}: failed: {ch.error()}", file=sys.stderr)
             return 1
