@@ -12,7 +12,8 @@ Systems, each in its own fresh process (see ``common.run``):
                       LiteRT), timed from its ``metrics.jsonl`` (per-step ``seconds`` and
                       ``tokens``). Models the monolithic export refuses (> 150M params, or
                       > 20M trainable) are recorded as "does not fit".
-  ``device-sharded``  the same with ``export --sharded``; "not available" while
+  ``device-sharded``  the same with ``export --sharded`` (trained with ``--head host``: the
+                      head's chunks in numpy, faster here); "not available" while
                       ``python -m export --help`` does not offer ``--sharded``. The
                       trainable state goes where ``--state-store auto`` puts it: a full
                       fine-tune of a real model streams it through the memory-mapped store.
@@ -178,7 +179,8 @@ def run_device(system: str, w: Workload, steps: int, threads: int, tmp: Path, da
                      "--out", out, "--steps", steps + 1, "--battery", "none", "--threads",
                      threads, "--checkpoint-every", 10 ** 6]
                     + (["--state-store", "ram"] if system == "device-sharded-ram" else [])
-                    + (["--memory-budget-mb", round(budget_mb)] if budget_mb else []),
+                    + (["--memory-budget-mb", round(budget_mb)] if budget_mb else [])
+                    + (["--head", "host"] if sharded else []),
                     threads)
     if tr.rc:
         return {"status": "failed", "stage": "train", "reason": tr.error(), "export": export}

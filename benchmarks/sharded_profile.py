@@ -8,7 +8,7 @@ largest micro-batch) under each configuration, each in its own process (peak RSS
 
   ``program-head``  the head's chunks as the bundle's ``head_fwd`` signature in LiteRT,
                     every block's backward pass recomputing its forward (no budget)
-  ``host-head``     the head's chunks in numpy (``runtime/sharded/head.py``; the default)
+  ``host-head``     the head's chunks in numpy (``runtime/sharded/head.py``, ``--head host``)
   ``saved``         host head and a budget with room for every layer's residuals
                     (``block_fwd_save`` / ``block_bwd_saved``: no recompute); the weight
                     cache that the rest of such a budget would buy is switched off, so the

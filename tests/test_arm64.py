@@ -175,13 +175,13 @@ def full_ft(arm, bundles):
 def test_full_finetune_streamed_from_disk_on_arm64_equals_x86_in_ram(arm, full_ft, kit):
     """``--state-store disk`` on arm64 (params, grads and moments in the unlinked, madvised
     file), with a budget that saves every layer's residuals (block_fwd_save /
-    block_bwd_saved) and the head in LiteRT (``--head program``), trains as x86 does with
-    the state in RAM, recomputing every block and the head in numpy."""
+    block_bwd_saved) and the head in numpy (``--head host``), trains as x86 does with the
+    state in RAM, recomputing every block, the head in LiteRT (the default)."""
     steps, w = 3, arm.work
     rx = x86_cmd(train_args(full_ft, w / "data.txt", w / "x86-full-ram", steps, "--state-store", "ram"))
     ra = arm_cmd(arm, train_args(arm.inside(full_ft), "/work/data.txt", "/work/arm-full-disk", steps,
                                  "--state-store", "disk", "--memory-budget-mb", "100000",
-                                 "--head", "program"))
+                                 "--head", "host"))
     assert "state: streamed through" in ra.stderr and "streamed" not in rx.stderr, ra.stderr[-2000:]
     assert re.search(r"the last (\d+) of \1 layers save their residuals", ra.stderr), ra.stderr[-2000:]
     assert_same_training(w / "x86-full-ram", w / "arm-full-disk", steps)

@@ -99,7 +99,7 @@ def test_chained_gradient_equals_jax_grad(tmp_path, family, mode, saved):
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_host_head_chunk_equals_the_head_fwd_signature(softcap):
-    """``runtime.sharded.head.head_chunk`` (numpy, the default ``--head host``) against the
+    """``runtime.sharded.head.head_chunk`` (numpy, ``--head host``) against the
     bundle's ``head_fwd`` (JAX): a padded last chunk, targets inside and outside the chunk,
     with and without soft-capping; within 1e-5 relative per output."""
     from mobiletune.runtime.sharded.head import head_chunk
@@ -124,7 +124,7 @@ def test_host_head_chunk_equals_the_head_fwd_signature(softcap):
 CASES = {  # name: (family, LoRA, accumulation, clip, variants, head)
     "gpt2-lora": ("gpt2", LoraConfig(r=4, alpha=8, target_modules=("c_attn", "c_fc")), 1, 1.0,
                   (1, 2, 4), "host"),
-    "gemma3-full": ("gemma3", None, 2, 0.5, (2, 4), "program"),   # the head in LiteRT
+    "gemma3-full": ("gemma3", None, 2, 0.5, (2, 4), "program"),   # the head in LiteRT (default)
 }
 
 
@@ -269,7 +269,7 @@ def test_memory_budget_saves_residuals_caches_weights_and_changes_nothing(sharde
     out = tmp_path / "budget"
     budget = peak_rss_mb() + 1024  # this test process is large (pytest, JAX, TF): 1 GB headroom
     assert device_train(bundle, [d.parent / "data.txt"], out, battery="none",
-                        memory_budget_mb=budget).finished
+                        memory_budget_mb=budget, head="host").finished
     a = st.load(dev / "adapter" / "adapter_model.safetensors")
     b = st.load(out / "adapter" / "adapter_model.safetensors")
     for k in a:

@@ -58,10 +58,12 @@ def build_parser(prog: str = "python -m mobiletune.runtime") -> argparse.Argumen
                         "memory-mapped file under --out; auto: the file when the state needs "
                         "more than half of --memory-budget-mb, or more than 256 MB without a "
                         "budget (a full fine-tune; LoRA stays in RAM)")
-    p.add_argument("--head", choices=("host", "program"), default="host",
-                   help="sharded bundles: run the head's vocabulary chunks in numpy on the host "
-                        "(default; faster where numpy's BLAS beats LiteRT's matmul, as on the "
-                        "x86 machines measured) or as the bundle's head_fwd signature in LiteRT")
+    p.add_argument("--head", choices=("host", "program"), default="program",
+                   help="sharded bundles: run the head's vocabulary chunks as the bundle's "
+                        "head_fwd signature in LiteRT (default) or in numpy on the host (faster "
+                        "where numpy's BLAS beats LiteRT's matmul, as on the x86 machines "
+                        "measured; call it from the main thread only: OpenBLAS hung when called "
+                        "from another thread)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("generate", help="generate with the bundle's weights (KV cache)",

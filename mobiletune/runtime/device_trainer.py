@@ -151,10 +151,10 @@ class DeviceTrainer:
     @classmethod
     def open(cls, bundle, data_paths, out, *, threads: int | None = None,
              memory_budget_mb: float | None = None, state_store: str = "auto",
-             head: str = "host", **kw) -> "DeviceTrainer":
+             head: str = "program", **kw) -> "DeviceTrainer":
         """``state_store``: where a sharded bundle's trainable state lives (auto | ram |
         disk: a file under ``out``; ``runtime.sharded.state_store.choose``); ``head``: where
-        a sharded bundle's steps run the head (host: numpy | program: LiteRT)."""
+        a sharded bundle's steps run the head (program: LiteRT, default | host: numpy)."""
         runner = open_bundle(bundle, threads=threads, memory_budget_mb=memory_budget_mb,
                              state_dir=out, state_store=state_store, head=head)
         tok = Tokenizer.from_dir(bundle)
@@ -306,7 +306,7 @@ def device_train(bundle, data_paths, out, steps: int | None = None, battery: str
                  threads: int | None = None, resume: bool = False, checkpoint_every: int = 10,
                  thresholds=None, poll_s: float = 60.0, stop_after: int | None = None,
                  clock=None, memory_budget_mb: float | None = None,
-                 state_store: str = "auto", head: str = "host") -> DeviceRun:
+                 state_store: str = "auto", head: str = "program") -> DeviceRun:
     """Train a bundle on local data (``mobiletune device train``; same defaults).
     ``battery``: auto | sysfs | termux | trace:FILE | none; a trace is replayed on a
     simulated clock (``clock``, default ``SimClock``) advanced by each step's measured

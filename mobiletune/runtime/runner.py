@@ -85,7 +85,7 @@ def check_position(m: Manifest, pos: int) -> None:
 
 def open_bundle(bundle_dir, threads: int | None = None, state: dict | None = None,
                 verify: bool = True, memory_budget_mb: float | None = None,
-                state_dir=None, state_store: str = "auto", head: str = "host") -> Runner:
+                state_dir=None, state_store: str = "auto", head: str = "program") -> Runner:
     """Validate the manifest (and, with ``verify``, every file's size and sha256), load the
     program into LiteRT, check its signatures against the manifest, and load the initial
     state (or ``state``). ``memory_budget_mb``, ``state_dir`` and ``state_store`` apply to

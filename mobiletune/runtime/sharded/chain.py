@@ -4,8 +4,8 @@
   h_{i+1} = block_fwd(h_i, W_i)                 every layer, h_i kept (B·T·D each)
   hn = norm_fwd(h_L)
   per vocabulary chunk: head_fwd(hn, W_c)       the host merges the chunks' log-sum-exp
-                                                and softmax-weighted rows online (the chunk
-                                                itself in numpy by default: ``head.py``)
+                                                and softmax-weighted rows online (or the
+                                                chunk in numpy, head="host": ``head.py``)
   [head_wgrad per chunk, when the head trains]
   dh = norm_bwd(h_L, dhn); dh, dW_i = block_bwd(h_i, dh, W_i)   (recomputes the block)
      or, for the last n layers when the memory budget has room for their residuals R_i:
@@ -44,14 +44,16 @@ from mobiletune.runtime.sharded.weights import LayerCache, WeightStore
 # charged to the budget once: measured on GPT-2 small LoRA b4×s128, 12 layers saved, peak
 # RSS +358 MB = 198 MB of residuals + ~160 MB (the two signatures' arenas: ~10 layers).
 ARENA_LAYERS = 10
-# Where a training step's head chunks run: numpy on the host (``head.py``) or the bundle's
-# ``head_fwd`` signature in LiteRT.
+# Where a training step's head chunks run: the bundle's ``head_fwd`` signature in LiteRT
+# (the default) or numpy on the host (``head.py``; faster on the x86 machines measured, but
+# OpenBLAS's threaded sgemm hung in a non-main thread — a federated simulation's server —
+# so it is opt-in, for the main thread).
 HEADS = ("host", "program")
 
 
 class ShardedRunner:
     def __init__(self, bundle_dir: Path, manifest: B.Manifest, calls, memory_budget_mb=None,
-                 state_dir=None, state_store: str = "auto", head: str = "host"):
+                 state_dir=None, state_store: str = "auto", head: str = "program"):
         if head not in HEADS:
             raise B.BundleError(f"head={head!r}: expected one of {', '.join(HEADS)}")
         self.dir, self.manifest, self.call, self.head_on = Path(bundle_dir), manifest, calls, head

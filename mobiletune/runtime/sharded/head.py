@@ -6,7 +6,9 @@ Why: the head is the largest product of a step (GPT-2: 768 × 50,257; Gemma 3 27
 640 × 262,144, half of its LoRA step), and on the x86 machines measured numpy's sgemm ran it
 at ~1.4× LiteRT's BATCH_MATMUL (benchmarks/README.md, "where the time goes"). The chunking,
 the online merge across chunks and the gradient through the head stay in ``chain``.
-``ShardedRunner(head="program")`` (``device train --head program``) runs the signature instead.
+Opt-in: ``ShardedRunner(head="host")`` (``device train --head host``); the default is the
+signature. Call it from the main thread: OpenBLAS's threaded sgemm spun forever in
+``exec_blas`` when a Flower simulation's server thread ran it (CI, 2026-12-03).
 """
 
 from __future__ import annotations
