@@ -37,7 +37,7 @@ class ShardedDecoder:
         kind = self.lay.layers[0].kind
         h = next(s for s in self.m.signature(B.block_decode_sig(kind)).inputs if s.name == "h")
         self.chunk = h.shape[1]
-        self.head = np.ascontiguousarray(runner.weight(self.lay.head), np.float32)  # (V, D)
+        self.head = np.array(runner.weight(self.lay.head), np.float32)  # (V, D), its own copy
         self.norm = {B.W + n: runner.weight(n) for n in self.lay.norm}
         c = self.m.model
         shape = (1, self.m.seq_len, c["num_kv_heads"], c["head_dim"])          # (1, T, K, Dh)
@@ -48,6 +48,7 @@ class ShardedDecoder:
         self.layers = [PinnedCall(prog, B.block_decode_sig(ly.kind), runner._layer_inputs(i),
                                   zero, runner.call.threads)
                        for i, ly in enumerate(self.lay.layers)]
+        runner.store.release_pending()    # each interpreter holds its own copy of its weights
 
     def _logits(self, h) -> np.ndarray:
         """(V,) logits of one hidden state (1, 1, D): the final norm, then the head."""
@@ -86,6 +87,7 @@ class ShardedDecoder:
         h = self.r.embed(padded_tokens(self.m, tokens))                     # (1, T, D)
         for i, ly in enumerate(self.lay.layers):
             out = self.r.call(B.block_prefill_sig(ly.kind), {"h": h, **self.r._layer_inputs(i)})
+            self.r.store.release_pending()         # the layer's weight pages, as in training
             h = out["h"]
             cache.k[i], cache.v[i] = out["k"][0], out["v"][0]
         n = len(tokens)
