@@ -4,9 +4,9 @@
                                "seq": 64, "lora": {"r": 8, "alpha": 16,
                                "targets": ["q_proj", "v_proj"]}, "steps": 5, "threads": 2}'
 
-``system``: ``jax`` (mobiletune's jit-compiled accumulate + apply, as ``mobiletune train``
-runs them) or ``torch`` (transformers + PEFT on torch CPU with ``threads`` threads, AdamW
-over the trainable parameters). ``lora``: null for full fine-tuning; ``targets`` null for
+``system``: ``jax`` (mobiletune's jit-compiled ``train_step``, the state donated, as
+``mobiletune train`` runs a step of one micro-batch) or ``torch`` (transformers + PEFT on
+torch CPU with ``threads`` threads, AdamW over the trainable parameters). ``lora``: null for full fine-tuning; ``targets`` null for
 PEFT's default targets of the model family. ``model``: anything ``load_model`` accepts; for
 ``preset:<name>`` torch builds the transformers model from ``ModelConfig.to_hf_dict()``
 with its own random init, for an HF directory or GGUF it loads the same weights.
@@ -50,6 +50,7 @@ def time_jax(spec: dict) -> dict:
     cfg = m.cfg
     steps, trainable, frozen = build_steps(r, m)
     fns = steps.jitted()
+    n_tr = sum(int(np.prod(v.shape)) for v in trainable.values())
     state = steps.init(trainable)
     x = batch_tokens(cfg.vocab_size, b, t)
     batch = {"inputs": jnp.asarray(x[:, :-1]), "targets": jnp.asarray(x[:, 1:]),
@@ -58,11 +59,9 @@ def time_jax(spec: dict) -> dict:
     times = []
     for _ in range(spec["steps"] + 1):
         t0 = time.perf_counter()
-        acc = fns.accumulate(steps.zero_accum(state.trainable), state.trainable, frozen, batch, key)
-        state, loss = fns.apply(state, acc)
+        state, loss = fns.train_step(state, frozen, batch, key)
         jax.block_until_ready(state.trainable)
         times.append(time.perf_counter() - t0)
-    n_tr = sum(int(np.prod(v.shape)) for v in trainable.values())
     n_fr = sum(int(np.prod(v.shape)) for v in frozen.values())
     return {"times": times, "params": n_fr + (0 if lora else n_tr), "trainable_params": n_tr,
             "loss": float(loss)}

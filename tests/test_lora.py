@@ -129,3 +129,33 @@ def test_adapter_for_other_model_is_refused(tmp_path):
     other = ModelConfig.from_hf_config(TINY_HF["qwen2-tied"])
     with pytest.raises(CheckpointError, match="has shape"):
         load_adapter(tmp_path, other)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_adapter_gradients_equal_pefts(tmp_path, name):
+    """The adapter's gradients through the desktop's LoRA product (its own backward pass,
+    ``layers.lora_delta``) equal torch autograd through PEFT's, within 1e-4 relative."""
+    import torch
+    from peft import PeftModel
+    from mobiletune.train.loss import batch_nll
+    tm, cfg, params = setup(name)
+    lcfg = lora.LoraConfig(r=4, alpha=12, target_modules=("c_attn", "c_fc", "q_proj", "down_proj"))
+    ad = random_adapter(cfg, lcfg)
+    save_adapter(tmp_path, ad, cfg, lcfg)
+    pm = PeftModel.from_pretrained(tm, tmp_path, is_trainable=True).eval()
+    toks = np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 12)).astype(np.int32)
+    bt = {"inputs": jnp.asarray(toks[:, :-1]), "targets": jnp.asarray(toks[:, 1:]),
+          "loss_mask": jnp.ones((2, 11), jnp.float32)}
+    ours = jax.grad(lambda a: batch_nll({**params, **a}, cfg, bt, lcfg.resolved(cfg).ctx(),
+                                        head_trainable=False)[0])(ad)
+    logits = pm(input_ids=torch.as_tensor(toks[:, :-1], dtype=torch.long)).logits
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                      torch.as_tensor(toks[:, 1:].reshape(-1), dtype=torch.long),
+                                      reduction="sum").backward()
+    ref = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad.numpy()
+           for n, p in pm.named_parameters() if p.requires_grad}
+    assert set(ref) == set(ours)
+    for k, g in ours.items():
+        scale = np.abs(ref[k]).max()
+        assert scale > 0, k
+        np.testing.assert_allclose(np.asarray(g), ref[k], atol=1e-4 * scale, err_msg=k)

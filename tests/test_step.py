@@ -66,7 +66,7 @@ def test_accumulation_equals_one_big_batch(mode, opt):
     steps = s.jitted()
     big = batch(cfg, 8, 11, seed=3)
     key = jax.random.PRNGKey(0)
-    state_a, state_b = s.init(trainable), s.init(trainable)
+    state_a, state_b = s.init(trainable), s.init(jax.tree.map(jnp.copy, trainable))
     for i_step in range(3):
         acc_a = steps.accumulate(s.zero_accum(state_a.trainable), state_a.trainable, frozen, big, key)
         acc = s.zero_accum(state_b.trainable)
@@ -83,7 +83,8 @@ def test_accumulation_equals_one_big_batch(mode, opt):
     tol = 1e-6 if opt == "sgd" else 1e-3 * oc.lr
     for k in state_a.trainable:
         np.testing.assert_allclose(state_a.trainable[k], state_b.trainable[k], atol=tol, err_msg=k)
-    one, loss_one = steps.train_step(s.init(trainable), frozen, big, key)
+    one, loss_one = steps.train_step(s.init(jax.tree.map(jnp.copy, state_b.trainable)), frozen,
+                                     big, key)
     assert np.isfinite(float(loss_one))
 
 
@@ -100,6 +101,32 @@ def test_warmup_then_cosine():
     s = schedule(OptimConfig(lr=1.0, warmup_steps=10, total_steps=110, schedule="cosine"))
     assert float(s(0)) == 0.0 and abs(float(s(10)) - 1.0) < 1e-6
     assert abs(float(s(60)) - 0.5) < 1e-6 and float(s(110)) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_fused_train_step_equals_accumulate_then_apply(mode):
+    """The trainer's one-micro-batch path (``train_step``, the state donated) takes the
+    steps that ``accumulate`` + ``apply`` take: the same params after 3 AdamW steps with
+    LoRA dropout, to 1e-7 relative (measured here: bit for bit)."""
+    cfg, params = tiny("gpt2")
+    if mode == "lora":
+        lcfg = lora.LoraConfig(r=4, alpha=8, target_modules="all-linear", dropout=0.1)
+        trainable, frozen = lora.init_lora(cfg, lcfg, jax.random.PRNGKey(1)), params
+    else:
+        lcfg, trainable, frozen = None, params, {}
+    s = Steps(cfg, lcfg, make_optimizer(OptimConfig(lr=1e-2, warmup_steps=2, weight_decay=0.1)))
+    f = s.jitted()
+    a, b = (s.init(jax.tree.map(jnp.array, trainable)) for _ in range(2))
+    for i in range(3):
+        bt, key = batch(cfg, 4, 9, seed=i), jax.random.PRNGKey(i)
+        a, la = f.train_step(a, frozen, bt, key)
+        b, lb = f.apply(b, f.accumulate(s.zero_accum(b.trainable), b.trainable, frozen, bt, key))
+        assert abs(float(la) - float(lb)) <= 1e-7 * abs(float(lb))
+    for k in a.trainable:
+        np.testing.assert_allclose(a.trainable[k], b.trainable[k], rtol=1e-7, atol=0, err_msg=k)
+    f.train_step(a, frozen, batch(cfg, 4, 9), key)
+    with pytest.raises(RuntimeError, match="deleted"):      # a donated state is spent
+        np.asarray(a.trainable[k])
 
 
 @pytest.mark.parametrize("name", ["adafactor", "sgd", "adamw"])

@@ -9,6 +9,7 @@ All math is float32 (the dtype of the params); softmax is computed in float32.
 from __future__ import annotations
 
 import zlib
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -68,15 +69,59 @@ def _xw_bwd(res, g):
 _xw.defvjp(_xw_fwd, _xw_bwd)
 
 
+@jax.custom_vjp
+def _ewt(x, w):
+    """x (..., q) @ w (p, q).T, the desktop's form: a plain einsum whose backward pass
+    materialises the incoming gradient before the weight gradient's product transposes it.
+    Autodiff's own backward let XLA fuse that transpose into the elementwise op that
+    produced the gradient (SiLU's or GELU's derivative), a strided loop that took 16 ms per
+    MLP projection of SmolLM2 (b4×s128) where the plain copy takes 1."""
+    return jnp.einsum("...q,pq->...p", x, w)
+
+
+def _ewt_fwd(x, w):
+    return _ewt(x, w), (x, w)
+
+
+def _ewt_bwd(res, g):
+    x, w = res
+    g2 = jax.lax.optimization_barrier(g.reshape(-1, g.shape[-1]))
+    return (jnp.einsum("...p,pq->...q", g, w),
+            jnp.einsum("tp,tq->pq", g2, x.reshape(-1, x.shape[-1])))
+
+
+_ewt.defvjp(_ewt_fwd, _ewt_bwd)
+
+
+@jax.custom_vjp
+def _ew(x, w):
+    """x (..., q) @ w (q, p), the desktop's form (GPT-2's Conv1D); backward as ``_ewt``."""
+    return jnp.einsum("...q,qp->...p", x, w)
+
+
+def _ew_fwd(x, w):
+    return _ew(x, w), (x, w)
+
+
+def _ew_bwd(res, g):
+    x, w = res
+    x2 = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]))
+    return (jnp.einsum("...p,qp->...q", g, w),
+            jnp.einsum("tq,tp->qp", x2, g.reshape(-1, g.shape[-1])))
+
+
+_ew.defvjp(_ew_fwd, _ew_bwd)
+
+
 def matmul_t(x, w, form: str = "einsum"):
     """x (..., q) @ w (p, q).T -> (..., p), written as ``form`` (``MATMUL_FORMS``)."""
-    y = _xwt(x, w) if form == "batch_matmul" else jnp.einsum("...q,pq->...p", x, w)
+    y = _xwt(x, w) if form == "batch_matmul" else _ewt(x, w)
     return checkpoint_name(y, MATMUL_OUT)
 
 
 def matmul(x, w, form: str = "einsum"):
     """x (..., q) @ w (q, p) -> (..., p), written as ``form``."""
-    y = _xw(x, w) if form == "batch_matmul" else jnp.einsum("...q,qp->...p", x, w)
+    y = _xw(x, w) if form == "batch_matmul" else _ew(x, w)
     return checkpoint_name(y, MATMUL_OUT)
 
 
@@ -115,9 +160,43 @@ def dense(lp: dict, name: str, x, lora: LoraCtx | None = None, form: str = "eins
             key = jax.random.fold_in(lora.key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
             keep = jax.random.bernoulli(key, 1.0 - lora.dropout, x.shape)
             xa = jnp.where(keep, x / (1.0 - lora.dropout), 0.0)
-        y = y + lora.scale * linear(linear(xa, lp[a_name], form=form),
-                                    lp[name + ".lora_B.weight"], form=form)
+        b_w = lp[name + ".lora_B.weight"]
+        if form == "einsum":
+            y = y + lora_delta(xa, lp[a_name], b_w, lora.scale)
+        else:
+            y = y + lora.scale * linear(linear(xa, lp[a_name], form=form), b_w, form=form)
     return y
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lora_delta(x, a, b, scale: float):
+    """``scale * x @ a.T @ b.T``: x (..., in), a (r, in), b (out, r) -> (..., out).
+
+    The desktop's form of the LoRA product. Its backward forms each gradient with the
+    token axis contracted against an operand that is already (tokens, features), so XLA
+    transposes only rank-r tensors: autodiff of the plain product had it materialise the
+    (out, tokens) transpose of the incoming gradient for b's gradient (GPT-2 small LoRA:
+    ~7 % of the step, benchmarks/README.md)."""
+    return _lora_fwd(x, a, b, scale)[0]
+
+
+def _lora_fwd(x, a, b, scale):
+    u = jnp.einsum("...q,rq->...r", x, a)                              # (..., r)
+    return scale * jnp.einsum("...r,pr->...p", u, b), (x, a, b, u)
+
+
+def _lora_bwd(scale, res, g):
+    x, a, b, u = res
+    lead = x.shape[:-1]
+    x2, g2, u2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])
+    v = jnp.einsum("tp,pr->tr", g2, b) * scale                         # (tokens, r)
+    db = (jnp.einsum("tr,tp->rp", u2, g2) * scale).T                   # (out, r)
+    da = jnp.einsum("tr,tq->rq", v, x2)                                # (r, in)
+    dx = jnp.einsum("tr,rq->tq", v, a).reshape(*lead, x.shape[-1])
+    return dx, da, db
+
+
+lora_delta.defvjp(_lora_fwd, _lora_bwd)
 
 
 def denses(lp: dict, lora: LoraCtx | None, form: str, conv1d_layout: bool = False):

@@ -2,7 +2,11 @@
 
 Each optimizer step runs ``accumulation`` micro-batches through the jitted ``accumulate``
 and one ``apply`` (``mobiletune.train.step``): the same functions the exporter traces for the
-phone. Everything a step depends on is part of the saved state — trainable params,
+phone. With one micro-batch per step it runs ``train_step``, which is those two compiled as
+one program: the gradients feed the optimizer without a zeroed accumulator in between
+(the same numbers; less memory, and faster).
+
+Everything a step depends on is part of the saved state — trainable params,
 optimizer state, step count, the data position — and the dropout key is derived from
 (seed, step, micro-batch), so an interrupted run resumed with ``--resume`` takes exactly
 the steps an uninterrupted run takes.
@@ -133,14 +137,21 @@ def train(recipe: Recipe, out_dir, resume: bool = False) -> dict:
     with Progress(total=r.steps - start, unit="step", desc="train") as bar:
         for step in range(start, r.steps):
             t0 = time.perf_counter()
-            acc, tokens = run.steps.zero_accum(state.trainable), 0.0
-            for micro in range(r.accumulation):
+            if r.accumulation == 1:
                 b = it.next()
-                acc = fns.accumulate(acc, state.trainable, run.frozen,
-                                     {k: jnp.asarray(v) for k, v in b.items()},
-                                     step_key(r.seed, step, micro))
-                tokens += float(b["loss_mask"].sum())
-            state, loss = fns.apply(state, acc)
+                tokens = float(b["loss_mask"].sum())
+                state, loss = fns.train_step(state, run.frozen,
+                                             {k: jnp.asarray(v) for k, v in b.items()},
+                                             step_key(r.seed, step, 0))
+            else:
+                acc, tokens = run.steps.zero_accum(state.trainable), 0.0
+                for micro in range(r.accumulation):
+                    b = it.next()
+                    acc = fns.accumulate(acc, state.trainable, run.frozen,
+                                         {k: jnp.asarray(v) for k, v in b.items()},
+                                         step_key(r.seed, step, micro))
+                    tokens += float(b["loss_mask"].sum())
+                state, loss = fns.apply(state, acc)
             loss = float(loss)
             dt = time.perf_counter() - t0
             if not math.isfinite(loss):
