@@ -137,6 +137,7 @@ def test_adapter_gradients_equal_pefts(tmp_path, name):
     ``layers.lora_delta``) equal torch autograd through PEFT's, within 1e-4 relative."""
     import torch
     from peft import PeftModel
+
     from mobiletune.train.loss import batch_nll
     tm, cfg, params = setup(name)
     lcfg = lora.LoraConfig(r=4, alpha=12, target_modules=("c_attn", "c_fc", "q_proj", "down_proj"))
