@@ -11,6 +11,8 @@ PEFT's default targets of the model family. ``model``: anything ``load_model`` a
 ``preset:<name>`` torch builds the transformers model from ``ModelConfig.to_hf_dict()``
 with its own random init, for an HF directory or GGUF it loads the same weights.
 
+``profile``: N (optional, jax only) also traces N more steps (``xla_trace``).
+
 Prints one JSON line: ``times`` (seconds of every step, the first is the warm-up, which
 includes compilation), ``step_s`` (median of the rest), ``params`` and
 ``trainable_params``. Peak RSS is measured by the parent (``common.run``).
@@ -63,8 +65,30 @@ def time_jax(spec: dict) -> dict:
         jax.block_until_ready(state.trainable)
         times.append(time.perf_counter() - t0)
     n_fr = sum(int(np.prod(v.shape)) for v in frozen.values())
-    return {"times": times, "params": n_fr + (0 if lora else n_tr), "trainable_params": n_tr,
-            "loss": float(loss)}
+    out = {"times": times, "params": n_fr + (0 if lora else n_tr), "trainable_params": n_tr,
+           "loss": float(loss)}
+    if spec.get("profile"):
+        out["profile"] = profile_jax(fns.train_step, state, (frozen, batch, key), spec["profile"])
+    return out
+
+
+def profile_jax(step, state, args, steps: int) -> dict:
+    """``steps`` more steps under ``jax.profiler``, summed by ``xla_trace``, and XLA's
+    FLOP count of one step."""
+    import tempfile
+
+    import jax
+    import xla_trace
+    compiled = step.lower(state, *args).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    with tempfile.TemporaryDirectory(prefix="mobiletune-trace-") as d:
+        jax.profiler.start_trace(d)
+        for _ in range(steps):
+            state, _ = step(state, *args)
+            jax.block_until_ready(state.trainable)
+        jax.profiler.stop_trace()
+        return {**xla_trace.summarize(d, compiled.as_text(), steps), "flops": cost.get("flops")}
 
 
 def torch_model(spec: str):
