@@ -60,3 +60,26 @@ def test_quick_run_writes_results(tmp_path):
     pngs = sorted(tmp_path.glob("*.png"))
     assert [p.name.split("quick-")[1] for p in pngs] == ["peak-rss.png", "tokens-per-s.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_desktop_profile_sums_the_trace_by_op(tmp_path):
+    """``child.py``'s profile (``xla_trace``) of a tiny GPT-2's full fine-tuning step: the
+    thunks are found by their HLO ops, so every class that such a step has (the model's
+    and the head's matmuls, elementwise work, the optimizer) gets time, and the classes
+    add up to the traced time."""
+    from tests.tiny import tiny_gpt2_dir
+    model = tiny_gpt2_dir(tmp_path / "tiny", n_layer=3, n_embd=48)
+    spec = {"system": "jax", "model": str(model), "batch": 2, "seq": 16, "lora": None,
+            "steps": 1, "threads": 1, "profile": 2}
+    r = subprocess.run([sys.executable, str(BENCH / "child.py"), json.dumps(spec)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = json.loads(r.stdout.strip().splitlines()[-1])["profile"]
+    assert abs(sum(p["classes"].values()) - p["traced_s"]) < 1e-9
+    assert all(v > 0 for v in p["classes"].values()), p["classes"]
+    assert p["flops"] > 0
+    assert [o["s"] for o in p["top"]] == sorted((o["s"] for o in p["top"]), reverse=True)
+    sys.path.insert(0, str(BENCH))
+    import xla_trace
+    assert xla_trace.classify("ynn_fusion", "jvp(...q,qp->...p)/dot_general") == "matmuls"
+    assert xla_trace.classify("ynn_fusion", "jvp()/while/body/closed_call/reduce_sum") == "head, elementwise"
