@@ -69,59 +69,43 @@ def _xw_bwd(res, g):
 _xw.defvjp(_xw_fwd, _xw_bwd)
 
 
-@jax.custom_vjp
-def _ewt(x, w):
-    """x (..., q) @ w (p, q).T, the desktop's form: a plain einsum whose backward pass
-    materialises the incoming gradient before the weight gradient's product transposes it.
-    Autodiff's own backward let XLA fuse that transpose into the elementwise op that
-    produced the gradient (SiLU's or GELU's derivative), a strided loop that took 16 ms per
-    MLP projection of SmolLM2 (b4×s128) where the plain copy takes 1."""
-    return jnp.einsum("...q,pq->...p", x, w)
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _eprod(x, w, w_is_out_in: bool):
+    """The desktop's form of a product: x (..., q) @ w.T for w (p, q) (``w_is_out_in``,
+    torch's Linear) or x @ w for w (q, p) (GPT-2's Conv1D), as a plain einsum whose backward
+    pass materialises the activation it transposes for the weight gradient. Autodiff's own
+    backward let XLA fuse that transpose into the elementwise op that produced it (SiLU's
+    or GELU's derivative): a strided loop that took 16 ms per MLP projection of SmolLM2
+    (b4×s128) where the plain copy takes 1 (benchmarks/README.md, "the desktop trainer")."""
+    return jnp.einsum("...q,pq->...p" if w_is_out_in else "...q,qp->...p", x, w)
 
 
-def _ewt_fwd(x, w):
-    return _ewt(x, w), (x, w)
+def _eprod_fwd(x, w, w_is_out_in):
+    return _eprod(x, w, w_is_out_in), (x, w)
 
 
-def _ewt_bwd(res, g):
+def _eprod_bwd(w_is_out_in, res, g):
     x, w = res
-    g2 = jax.lax.optimization_barrier(g.reshape(-1, g.shape[-1]))
-    return (jnp.einsum("...p,pq->...q", g, w),
-            jnp.einsum("tp,tq->pq", g2, x.reshape(-1, x.shape[-1])))
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    barrier = jax.lax.optimization_barrier
+    if w_is_out_in:       # dW (p, q) = g^T x: the transpose falls on g
+        return (jnp.einsum("...p,pq->...q", g, w), jnp.einsum("tp,tq->pq", barrier(g2), x2))
+    # dW (q, p) = x^T g: the transpose falls on x
+    return jnp.einsum("...p,qp->...q", g, w), jnp.einsum("tq,tp->qp", barrier(x2), g2)
 
 
-_ewt.defvjp(_ewt_fwd, _ewt_bwd)
-
-
-@jax.custom_vjp
-def _ew(x, w):
-    """x (..., q) @ w (q, p), the desktop's form (GPT-2's Conv1D); backward as ``_ewt``."""
-    return jnp.einsum("...q,qp->...p", x, w)
-
-
-def _ew_fwd(x, w):
-    return _ew(x, w), (x, w)
-
-
-def _ew_bwd(res, g):
-    x, w = res
-    x2 = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]))
-    return (jnp.einsum("...p,qp->...q", g, w),
-            jnp.einsum("tq,tp->qp", x2, g.reshape(-1, g.shape[-1])))
-
-
-_ew.defvjp(_ew_fwd, _ew_bwd)
+_eprod.defvjp(_eprod_fwd, _eprod_bwd)
 
 
 def matmul_t(x, w, form: str = "einsum"):
     """x (..., q) @ w (p, q).T -> (..., p), written as ``form`` (``MATMUL_FORMS``)."""
-    y = _xwt(x, w) if form == "batch_matmul" else _ewt(x, w)
+    y = _xwt(x, w) if form == "batch_matmul" else _eprod(x, w, True)
     return checkpoint_name(y, MATMUL_OUT)
 
 
 def matmul(x, w, form: str = "einsum"):
     """x (..., q) @ w (q, p) -> (..., p), written as ``form``."""
-    y = _xw(x, w) if form == "batch_matmul" else _ew(x, w)
+    y = _xw(x, w) if form == "batch_matmul" else _eprod(x, w, False)
     return checkpoint_name(y, MATMUL_OUT)
 
 
