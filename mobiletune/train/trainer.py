@@ -91,6 +91,11 @@ def prepare_run(recipe: Recipe, out: Path) -> tuple[Run, dict]:
                 schedule(recipe.optim_config())), trainable)
 
 
+def on_device(batch: dict) -> dict:
+    """A batch of numpy arrays as JAX arrays."""
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
 def evaluate(run: Run, fns, trainable) -> float | None:
     if run.val is None or len(run.val) == 0:
         return None
@@ -98,7 +103,7 @@ def evaluate(run: Run, fns, trainable) -> float | None:
     for i, b in enumerate(D.eval_batches(run.val, run.recipe.micro_batch)):
         if i >= run.recipe.eval_batches:
             break
-        n, c = fns.eval_nll(trainable, run.frozen, {k: jnp.asarray(v) for k, v in b.items()})
+        n, c = fns.eval_nll(trainable, run.frozen, on_device(b))
         nll, count = nll + float(n), count + float(c)
     return nll / max(count, 1.0)
 
@@ -140,15 +145,13 @@ def train(recipe: Recipe, out_dir, resume: bool = False) -> dict:
             if r.accumulation == 1:
                 b = it.next()
                 tokens = float(b["loss_mask"].sum())
-                state, loss = fns.train_step(state, run.frozen,
-                                             {k: jnp.asarray(v) for k, v in b.items()},
+                state, loss = fns.train_step(state, run.frozen, on_device(b),
                                              step_key(r.seed, step, 0))
             else:
                 acc, tokens = run.steps.zero_accum(state.trainable), 0.0
                 for micro in range(r.accumulation):
                     b = it.next()
-                    acc = fns.accumulate(acc, state.trainable, run.frozen,
-                                         {k: jnp.asarray(v) for k, v in b.items()},
+                    acc = fns.accumulate(acc, state.trainable, run.frozen, on_device(b),
                                          step_key(r.seed, step, micro))
                     tokens += float(b["loss_mask"].sum())
                 state, loss = fns.apply(state, acc)
