@@ -47,11 +47,14 @@ def timed(name, ins):
     t = time.perf_counter(); o = call(name, ins); T[re.sub(r"(_k\d+)?_b\d+$", "", name)] += time.perf_counter() - t
     return o
 r.call = timed
-host_head = chain.head_chunk
-def timed_head(*a, **kw):
-    t = time.perf_counter(); o = host_head(*a, **kw); T["head_fwd"] += time.perf_counter() - t
-    return o
-chain.head_chunk = timed_head
+def timed_host(fn, key):
+    def timed_fn(*a, **kw):
+        t = time.perf_counter(); o = fn(*a, **kw); T[key] += time.perf_counter() - t
+        return o
+    return timed_fn
+chain.head_chunk = timed_host(chain.head_chunk, "head_fwd")
+if hasattr(chain, "head_wgrad_chunk"):
+    chain.head_wgrad_chunk = timed_host(chain.head_wgrad_chunk, "head_wgrad")
 k, t = max(r.manifest.variants), int(r.manifest.data["seq_len"])
 v = int(r.manifest.model["vocab_size"])
 rng = np.random.default_rng(0)

@@ -53,13 +53,14 @@ def tiny_recipe(model, mode, **kw):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", ["lora", "full"])
-@pytest.mark.parametrize("saved", [False, True], ids=["recompute", "saved"])
+@pytest.mark.parametrize("saved", [False, True], ids=["recompute", "saved-host-head"])
 def test_chained_gradient_equals_jax_grad(tmp_path, family, mode, saved):
     """The runtime's host chain (embedding gather, per-layer fwd/bwd, vocabulary chunks
     merged online) run over the JAX signature functions: summed-NLL gradients equal
     ``jax.grad`` of the whole model within 1e-5 relative (per tensor, to its max |g|).
     ``saved``: a memory budget with room for every layer's residuals, so the second
-    micro-batch runs block_fwd_save / block_bwd_saved (no recompute) instead."""
+    micro-batch runs block_fwd_save / block_bwd_saved (no recompute) instead, and the head
+    (with a tied head in full fine-tuning, its weight gradient too) in numpy (head="host")."""
     cfg = ModelConfig.from_hf_config(TINY_HF[family])
     params = models.init_params(cfg, jax.random.PRNGKey(0))
     params = {k: v + 0.1 * jax.random.normal(jax.random.PRNGKey(len(k)), v.shape)
@@ -73,7 +74,8 @@ def test_chained_gradient_equals_jax_grad(tmp_path, family, mode, saved):
     sm = ShardedModel(cfg, steps.lcfg, r.optim, {k: v.shape for k, v in tr.items()},
                       {k: v.shape for k, v in fr.items()}, SEQ, vocab_chunk=40)
     run = ShardedRunner(tmp_path / "b", m, JaxCalls(sm, (2,)),
-                        memory_budget_mb=1e6 if saved else None)
+                        memory_budget_mb=1e6 if saved else None,
+                        head="host" if saved else "program")
     run.set_state(st.load(tmp_path / "b" / "state.safetensors"), zeros_for_missing=True)
     rng = np.random.default_rng(1)
     batch = {"inputs": rng.integers(0, cfg.vocab_size, (2, SEQ)).astype(np.int32),
@@ -119,6 +121,29 @@ def test_host_head_chunk_equals_the_head_fwd_signature(softcap):
         v = np.asarray(v)
         assert got[k].dtype == np.float32 and got[k].shape == v.shape, k
         assert np.abs(got[k] - v).max() <= 1e-5 * max(np.abs(v).max(), 1e-6), k
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_host_head_wgrad_equals_the_head_wgrad_signature(softcap):
+    """``head.head_wgrad_chunk`` (numpy, ``--head host`` with a trained head) against the
+    bundle's ``head_wgrad`` (JAX) on the real rows of a padded chunk, targets inside and
+    outside it, a ragged loss mask; within 1e-5 relative to the largest |g|."""
+    from mobiletune.runtime.sharded.head import head_wgrad_chunk
+    cfg = ModelConfig.from_hf_config(TINY_HF["gemma3"]).replace(final_logit_softcapping=softcap)
+    d, vc, n = cfg.hidden_size, 40, 27
+    sm = ShardedModel(cfg, None, OptimConfig(), {}, models.param_shapes(cfg), SEQ, vocab_chunk=vc)
+    rng = np.random.default_rng(1)
+    hn = rng.standard_normal((2, SEQ, d)).astype(np.float32)
+    w = np.zeros((vc, d), np.float32)
+    w[:n] = rng.standard_normal((n, d)).astype(np.float32) * 0.5
+    valid = (np.arange(vc) < n).astype(np.float32)
+    labels = rng.integers(-30, 60, (2, SEQ)).astype(np.int32)
+    lse = rng.standard_normal((2, SEQ)).astype(np.float32) + 6   # another chunk's share too
+    mask = (rng.random((2, SEQ)) > 0.3).astype(np.float32)
+    ref = np.asarray(jax.jit(sm.head_wgrad)(hn, w, valid, labels, lse, mask))[:n]
+    got = head_wgrad_chunk(hn, w[:n], labels, lse, mask, softcap)
+    assert got.dtype == np.float32 and got.shape == (n, d)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 CASES = {  # name: (family, LoRA, accumulation, clip, variants, head)

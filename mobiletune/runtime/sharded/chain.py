@@ -6,7 +6,7 @@
   per vocabulary chunk: head_fwd(hn, W_c)       the host merges the chunks' log-sum-exp
                                                 and softmax-weighted rows online (or the
                                                 chunk in numpy, head="host": ``head.py``)
-  [head_wgrad per chunk, when the head trains]
+  [head_wgrad per chunk, when the head trains; head="host": numpy too]
   dh = norm_bwd(h_L, dhn); dh, dW_i = block_bwd(h_i, dh, W_i)   (recomputes the block)
      or, for the last n layers when the memory budget has room for their residuals R_i:
      h_{i+1}, R_i = block_fwd_save(h_i, W_i) ... dh, dW_i = block_bwd_saved(dh, R_i, W_i)
@@ -36,7 +36,7 @@ from mobiletune.runtime import bundle as B
 from mobiletune.runtime.metrics import peak_rss_mb
 from mobiletune.runtime.runner import check_variant, padded_tokens
 from mobiletune.runtime.sharded import optimizer
-from mobiletune.runtime.sharded.head import head_chunk
+from mobiletune.runtime.sharded.head import head_chunk, head_wgrad_chunk
 from mobiletune.runtime.sharded.host_state import HostState
 from mobiletune.runtime.sharded.weights import LayerCache, WeightStore
 
@@ -374,9 +374,13 @@ class ShardedRunner:
         grad, head = self.state.grad, self.lay.head
         if head in grad:
             for c0, n, w, valid in self._head_chunks():
-                g = self.call(B.head_wgrad_sig(k), {"hn": hn, "w": w, "col_valid": valid,
-                                                    "labels": (targets - c0).astype(np.int32),
-                                                    "lse": lse, "mask": mask})["g"]
+                labels = (targets - c0).astype(np.int32)
+                if self.head_on == "host":
+                    g = head_wgrad_chunk(hn, w[:n], labels, lse, mask, self.softcap)
+                else:
+                    g = self.call(B.head_wgrad_sig(k), {"hn": hn, "w": w, "col_valid": valid,
+                                                        "labels": labels, "lse": lse,
+                                                        "mask": mask})["g"]
                 grad[head][c0:c0 + n] += g[:n]
                 self.release(grad[head][c0:c0 + n])
         out = self.call(B.norm_bwd_sig(k), {"h": hs[-1], "dhn": dhn, **norm})

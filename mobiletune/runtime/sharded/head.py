@@ -1,6 +1,6 @@
-"""The head's forward for one vocabulary chunk on the host (numpy): what the bundle's
-``head_fwd`` signature returns (``programs.sharded.ShardedModel.head_fwd``), computed with
-numpy's BLAS instead of LiteRT.
+"""The head for one vocabulary chunk on the host (numpy): what the bundle's ``head_fwd``
+and ``head_wgrad`` signatures return (``programs.sharded.ShardedModel.head_fwd`` /
+``head_wgrad``), computed with numpy's BLAS instead of LiteRT.
 
 Why: the head is the largest product of a step (GPT-2: 768 × 50,257; Gemma 3 270M:
 640 × 262,144, half of its LoRA step), and on the x86 machines measured numpy's sgemm ran it
@@ -49,3 +49,30 @@ def head_chunk(hn: np.ndarray, w: np.ndarray, labels: np.ndarray,
     u /= s[:, None]
     out["u"] = u.reshape(b, t, d)
     return {k: v.astype(np.float32, copy=False) for k, v in out.items()}
+
+
+def head_wgrad_chunk(hn: np.ndarray, w: np.ndarray, labels: np.ndarray, lse: np.ndarray,
+                     mask: np.ndarray, softcap: float | None = None) -> np.ndarray:
+    """The gradient of the summed NLL by one chunk's rows of a trained head: ``hn``, ``w``
+    (n, D) and ``labels`` as for ``head_chunk``; ``lse`` (B, T) the log-sum-exp over the whole
+    vocabulary and ``mask`` (B, T) the loss mask. Returns float32 (n, D) =
+    ((softmax - onehot) ⊙ g)ᵀ @ (mask · hn), g the soft-cap's derivative (1 without)."""
+    b, t, d = hn.shape
+    n = w.shape[0]
+    x = hn.reshape(b * t, d)
+    z = x @ w.T                                                                # (BT, n)
+    g = None
+    if softcap is not None:
+        c = np.float32(softcap)
+        np.tanh(z / c, out=z)
+        g = 1.0 - z * z
+        z *= c
+    z -= lse.reshape(-1, 1)
+    np.exp(z, out=z)                                                           # softmax
+    lab = labels.reshape(-1)
+    rows = np.flatnonzero((lab >= 0) & (lab < n))
+    z[rows, lab[rows]] -= 1
+    if g is not None:
+        z *= g
+    xm = x * mask.reshape(-1, 1).astype(np.float32)                            # (BT, D)
+    return (z.T @ xm).astype(np.float32, copy=False)
