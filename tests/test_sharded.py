@@ -99,14 +99,11 @@ def test_chained_gradient_equals_jax_grad(tmp_path, family, mode, saved):
         assert np.abs(run.grad[k] - g).max() / scale <= 1e-5, k
 
 
-@pytest.mark.parametrize("softcap", [None, 30.0])
-def test_host_head_chunk_equals_the_head_fwd_signature(softcap):
-    """``runtime.sharded.head.head_chunk`` (numpy, ``--head host``) against the
-    bundle's ``head_fwd`` (JAX): a padded last chunk, targets inside and outside the chunk,
-    with and without soft-capping; within 1e-5 relative per output."""
-    from mobiletune.runtime.sharded.head import head_chunk
+def head_case(softcap):
+    """A tiny Gemma 3 head chunk of 40 rows, 27 real (13 padding), soft-capped or not, and
+    targets mostly outside it: (ShardedModel, hn, w, col_valid, labels, n, rng)."""
     cfg = ModelConfig.from_hf_config(TINY_HF["gemma3"]).replace(final_logit_softcapping=softcap)
-    d, vc, n = cfg.hidden_size, 40, 27                            # 13 padding rows
+    d, vc, n = cfg.hidden_size, 40, 27
     sm = ShardedModel(cfg, None, OptimConfig(), {}, models.param_shapes(cfg), SEQ, vocab_chunk=vc)
     rng = np.random.default_rng(0)
     hn = rng.standard_normal((2, SEQ, d)).astype(np.float32)
@@ -114,6 +111,16 @@ def test_host_head_chunk_equals_the_head_fwd_signature(softcap):
     w[:n] = rng.standard_normal((n, d)).astype(np.float32) * 0.5
     valid = (np.arange(vc) < n).astype(np.float32)
     labels = rng.integers(-30, 60, (2, SEQ)).astype(np.int32)    # some in [0, n), most not
+    return sm, hn, w, valid, labels, n, rng
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_host_head_chunk_equals_the_head_fwd_signature(softcap):
+    """``runtime.sharded.head.head_chunk`` (numpy, ``--head host``) against the
+    bundle's ``head_fwd`` (JAX): a padded last chunk, targets inside and outside the chunk,
+    with and without soft-capping; within 1e-5 relative per output."""
+    from mobiletune.runtime.sharded.head import head_chunk
+    sm, hn, w, valid, labels, n, rng = head_case(softcap)
     ref = jax.jit(sm.head_fwd)(hn, w, valid, labels)
     got = head_chunk(hn, w[:n], labels, softcap)
     assert set(got) == set(ref)
@@ -129,20 +136,12 @@ def test_host_head_wgrad_equals_the_head_wgrad_signature(softcap):
     bundle's ``head_wgrad`` (JAX) on the real rows of a padded chunk, targets inside and
     outside it, a ragged loss mask; within 1e-5 relative to the largest |g|."""
     from mobiletune.runtime.sharded.head import head_wgrad_chunk
-    cfg = ModelConfig.from_hf_config(TINY_HF["gemma3"]).replace(final_logit_softcapping=softcap)
-    d, vc, n = cfg.hidden_size, 40, 27
-    sm = ShardedModel(cfg, None, OptimConfig(), {}, models.param_shapes(cfg), SEQ, vocab_chunk=vc)
-    rng = np.random.default_rng(1)
-    hn = rng.standard_normal((2, SEQ, d)).astype(np.float32)
-    w = np.zeros((vc, d), np.float32)
-    w[:n] = rng.standard_normal((n, d)).astype(np.float32) * 0.5
-    valid = (np.arange(vc) < n).astype(np.float32)
-    labels = rng.integers(-30, 60, (2, SEQ)).astype(np.int32)
+    sm, hn, w, valid, labels, n, rng = head_case(softcap)
     lse = rng.standard_normal((2, SEQ)).astype(np.float32) + 6   # another chunk's share too
     mask = (rng.random((2, SEQ)) > 0.3).astype(np.float32)
     ref = np.asarray(jax.jit(sm.head_wgrad)(hn, w, valid, labels, lse, mask))[:n]
     got = head_wgrad_chunk(hn, w[:n], labels, lse, mask, softcap)
-    assert got.dtype == np.float32 and got.shape == (n, d)
+    assert got.dtype == np.float32 and got.shape == (n, hn.shape[-1])
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 

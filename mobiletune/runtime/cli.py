@@ -59,8 +59,9 @@ def build_parser(prog: str = "python -m mobiletune.runtime") -> argparse.Argumen
                         "more than half of --memory-budget-mb, or more than 256 MB without a "
                         "budget (a full fine-tune; LoRA stays in RAM)")
     p.add_argument("--head", choices=("host", "program"), default="program",
-                   help="sharded bundles: run the head's vocabulary chunks as the bundle's "
-                        "head_fwd signature in LiteRT (default) or in numpy on the host (faster "
+                   help="sharded bundles: run the head's vocabulary chunks (and a trained "
+                        "head's gradient) as the bundle's head_fwd (head_wgrad) signature in "
+                        "LiteRT (default) or in numpy on the host (faster "
                         "where numpy's BLAS beats LiteRT's matmul, as on the x86 machines "
                         "measured; call it from the main thread only: OpenBLAS hung when called "
                         "from another thread)")

@@ -16,6 +16,19 @@ from __future__ import annotations
 import numpy as np
 
 
+def _logits(x: np.ndarray, w: np.ndarray, softcap: float | None):
+    """(BT, n) logits of ``x`` (BT, D) by the chunk's rows ``w`` (n, D), soft-capped, and the
+    soft-cap's derivative 1 - tanh²(z / c) (None without soft-capping)."""
+    z = x @ w.T
+    g = None
+    if softcap is not None:
+        c = np.float32(softcap)
+        np.tanh(z / c, out=z)
+        g = 1.0 - z * z
+        z *= c
+    return z, g
+
+
 def head_chunk(hn: np.ndarray, w: np.ndarray, labels: np.ndarray,
                softcap: float | None = None) -> dict[str, np.ndarray]:
     """One chunk of the head: ``hn`` (B, T, D) final-normed states, ``w`` (n, D) the chunk's
@@ -25,13 +38,7 @@ def head_chunk(hn: np.ndarray, w: np.ndarray, labels: np.ndarray,
     soft-capping, ``target_g`` (B, T): g = 1 - tanh²(z / c) at the target (0 outside)."""
     b, t, d = hn.shape
     n = w.shape[0]
-    z = hn.reshape(b * t, d) @ w.T                                             # (BT, n)
-    g = None
-    if softcap is not None:
-        c = np.float32(softcap)
-        np.tanh(z / c, out=z)
-        g = 1.0 - z * z
-        z *= c
+    z, g = _logits(hn.reshape(b * t, d), w, softcap)
     lab = labels.reshape(-1)
     inside = (lab >= 0) & (lab < n)
     rows = np.arange(b * t)
@@ -60,13 +67,7 @@ def head_wgrad_chunk(hn: np.ndarray, w: np.ndarray, labels: np.ndarray, lse: np.
     b, t, d = hn.shape
     n = w.shape[0]
     x = hn.reshape(b * t, d)
-    z = x @ w.T                                                                # (BT, n)
-    g = None
-    if softcap is not None:
-        c = np.float32(softcap)
-        np.tanh(z / c, out=z)
-        g = 1.0 - z * z
-        z *= c
+    z, g = _logits(x, w, softcap)
     z -= lse.reshape(-1, 1)
     np.exp(z, out=z)                                                           # softmax
     lab = labels.reshape(-1)
