@@ -143,7 +143,6 @@ def test_schema_4_bundles_are_refused_with_the_reexport_command(exported, tmp_pa
         read_manifest(d)
 
 
-
 def test_pinning_hands_back_each_layers_store_pages_before_the_next(exported, monkeypatch):
     """Each layer's ``block_decode`` interpreter copies that layer's weights, so the weight
     store's pages of the layer go back (``release_pending``) before the next layer is

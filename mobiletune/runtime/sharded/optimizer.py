@@ -2,9 +2,9 @@
 token count and clipped by their global norm (a host reduction over every group, as
 ``optax.clip_by_global_norm``; the two as one factor, applied chunk by chunk), and each
 group's flat vector goes through its ``opt_*`` signature (the recipe's optax optimizer,
-elementwise) in fixed-size chunks. A streamed
-state (``state_store``) releases each group after each pass and each chunk after its call,
-so only one chunk of the vectors is resident."""
+elementwise) in fixed-size chunks. A streamed state (``state_store``) releases each group
+after each pass and each chunk after its call, so only one chunk of the vectors is
+resident."""
 
 from __future__ import annotations
 
