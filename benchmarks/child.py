@@ -7,9 +7,10 @@
 ``system``: ``jax`` (mobiletune's jit-compiled ``train_step``, the state donated, as
 ``mobiletune train`` runs a step of one micro-batch) or ``torch`` (transformers + PEFT on
 torch CPU with ``threads`` threads, AdamW over the trainable parameters). ``lora``: null
-for full fine-tuning; ``targets`` null for PEFT's default targets of the model family. ``model``: anything ``load_model`` accepts; for
-``preset:<name>`` torch builds the transformers model from ``ModelConfig.to_hf_dict()``
-with its own random init, for an HF directory or GGUF it loads the same weights.
+for full fine-tuning; ``targets`` null for PEFT's default targets of the model family.
+``model``: anything ``load_model`` accepts; for ``preset:<name>`` torch builds the
+transformers model from ``ModelConfig.to_hf_dict()`` with its own random init, for an HF
+directory or GGUF it loads the same weights.
 
 ``profile``: N (optional, jax only) also traces N more steps (``xla_trace``).
 

@@ -53,8 +53,7 @@ def timed_host(fn, key):
         return o
     return timed_fn
 chain.head_chunk = timed_host(chain.head_chunk, "head_fwd")
-if hasattr(chain, "head_wgrad_chunk"):
-    chain.head_wgrad_chunk = timed_host(chain.head_wgrad_chunk, "head_wgrad")
+chain.head_wgrad_chunk = timed_host(chain.head_wgrad_chunk, "head_wgrad")
 k, t = max(r.manifest.variants), int(r.manifest.data["seq_len"])
 v = int(r.manifest.model["vocab_size"])
 rng = np.random.default_rng(0)
