@@ -10,14 +10,17 @@ Without ``--bundle`` it exports ``recipes/smollm2_shakespeare_lora.py --sharded 
 lora.dropout=0`` (SmolLM2-135M, window 128; the adapter starts at zero, so the bundle's
 model is the base model the desktop generator runs). Each system runs in its own process
 (``common.run``) and generates twice from the same prompt: ``cold`` is the first call
-(JAX: compiling; device: pinning each layer's weights in its interpreter and widening the
-head), ``warm`` the second. tokens/s = new tokens / the call's wall time, which includes the
-prompt's prefill (device-cache also reports decode-only tokens/s: the warm call less one
-timed prefill, over the tokens after the first). The no-cache system generates fewer tokens (``--infer-tokens``): it is
-~15x slower and its rate does not depend on the count (every token costs one padded-window
-forward). The greedy tokens of every system are compared (the no-cache run with the
-prefix of the others). Ratios are of warm tokens/s. Exit status 1 if a system failed or
-the tokens differ.
+(JAX: compiling; device: one interpreter per layer over a program file with the layer's
+weights as constants, which XNNPACK packs, and widening the head), ``warm`` the second.
+``device-cache-pinned`` decodes as bundles of schema 5 did: the program's ``block_decode``
+with each layer's weights pinned as inputs (``decode_constants=False``). tokens/s = new
+tokens / the call's wall time, which includes the prompt's prefill (the two device-cache
+systems also report decode-only tokens/s: the warm call less one timed prefill, over the
+tokens after the first). The no-cache system generates fewer tokens (``--infer-tokens``):
+it is ~15x slower and its rate does not depend on the count (every token costs one
+padded-window forward). The greedy tokens of every system are compared (the no-cache run
+with the prefix of the others). Ratios are of warm tokens/s. Exit status 1 if a system
+failed or the tokens differ.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ else:
     from mobiletune.runtime.runner import open_bundle
     from mobiletune.runtime.tokenizer import Tokenizer
     r = open_bundle(spec["bundle"], threads=spec["threads"])
+    r.decode_constants = spec["system"] != "device-cache-pinned"
     tok = Tokenizer.from_dir(spec["bundle"])
     ids = tok.encode(spec["prompt"], add_special_tokens=tok.adds_bos)
     run = lambda: generate_ids(r, ids, spec["n"], cache=spec["cache"])[0]
@@ -57,7 +61,7 @@ for _ in range(2):
     out = run()
     times.append(time.perf_counter() - t0)
 prefill_s = None
-if spec["system"] == "device-cache":  # the prompt's share of a warm call
+if spec["system"].startswith("device-cache"):  # the prompt's share of a warm call
     t0 = time.perf_counter()
     r.prefill(ids)
     prefill_s = time.perf_counter() - t0
@@ -65,7 +69,7 @@ print(json.dumps({"ids": out, "prompt_tokens": len(ids), "cold_s": times[0], "wa
                   "prefill_s": prefill_s}))
 '''
 
-SYSTEMS = ("device-cache", "device-no-cache", "jax")
+SYSTEMS = ("device-cache", "device-cache-pinned", "device-no-cache", "jax")
 
 
 def measure(system: str, spec: dict, threads: int) -> dict:
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
         for name in SYSTEMS:
             n = args.infer_tokens if name == "device-no-cache" else args.new_tokens
             print(f"{name}: {n} tokens ...", file=sys.stderr, flush=True)
-            systems[name] = measure(name, {**spec, "n": n, "cache": name == "device-cache"},
+            systems[name] = measure(name, {**spec, "n": n, "cache": name != "device-no-cache"},
                                     args.threads)
     ok = [r for r in systems.values() if r["status"] == "ok"]
     equal = len(ok) == len(SYSTEMS) and all(

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from export import constant_decode
 from export.common import (
     EXPORT_MATMUL,
     ExportError,
@@ -79,17 +81,28 @@ def export_sharded(recipe: Recipe, out, variants, store_dtype: str = "float32",
     tmp = atomic.staging_dir(out)
     sm, files, tok = write_files(recipe, tmp, store_dtype, vocab_chunk)
     convert_s, program_bytes = 0.0, 0
+    consts = {}
     if program:
         from export.tflite import build_pure_module, convert
-        module, sigs = build_pure_module(sm.signatures(variants))
+        table = sm.signatures(variants)
+        module, sigs = build_pure_module(table)
         flat, convert_s = convert(module, sigs)
         (tmp / B.PROGRAM).write_bytes(flat)
         files["program"] = B.file_entry(tmp, B.PROGRAM)
         program_bytes = len(flat)
+        t1 = time.perf_counter()
+        for kind in sm.kinds:
+            name, role = B.block_decode_sig(kind), B.decode_skeleton_role(kind)
+            skel, consts[kind], _ = constant_decode.skeleton(*table[name], name)
+            (tmp / (role + ".skel")).write_bytes(skel)
+            files[role] = B.file_entry(tmp, role + ".skel")
+            program_bytes += len(skel)
+        convert_s += time.perf_counter() - t1
     sigs = signature_meta(sm, variants)
     manifest = B.Manifest(**manifest_fields(recipe, sm.cfg, sm.lcfg, tok, variants),
                           state=sm.state_specs(store_dtype), frozen=(), signatures=tuple(sigs),
-                          files=files, sharded=sm.layout(store_dtype))
+                          files=files, sharded=replace(sm.layout(store_dtype),
+                                                       decode_consts=consts))
     atomic.write_text(tmp / B.MANIFEST, manifest.to_json())
     atomic.replace_dir(tmp, out)
     if verify and program:

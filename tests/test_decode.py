@@ -1,5 +1,6 @@
 """KV-cache decoding in the bundle (``prefill`` / ``decode``; sharded: ``block_prefill_*`` /
-``block_decode_*`` / ``norm_decode`` with the weights pinned per layer): greedy tokens equal
+``block_decode_*`` / ``norm_decode``, per layer over its weights as constants:
+``test_constant_decode.py``): greedy tokens equal
 the desktop JAX generator's (``mobiletune generate``'s ``inference.generate``) on the same
 weights and adapter, and the decode logits equal the old ``infer`` path's.
 
@@ -143,16 +144,21 @@ def test_schema_4_bundles_are_refused_with_the_reexport_command(exported, tmp_pa
         read_manifest(d)
 
 
-def test_pinning_hands_back_each_layers_store_pages_before_the_next(exported, monkeypatch):
-    """Each layer's ``block_decode`` interpreter copies that layer's weights, so the weight
-    store's pages of the layer go back (``release_pending``) before the next layer is
-    pinned: while the decoder is built, the mapping holds about one layer, not the model
-    (SmolLM2-135M: the process's peak RSS 1308 MB with every layer released after the
-    last, 810 MB layer by layer). The order of the calls is the contract tested here: on
-    a tiny model the kernel's fault-around (64 KB) maps more than one layer anyway."""
+@pytest.mark.parametrize("constants", [True, False])
+def test_pinning_hands_back_each_layers_store_pages_before_the_next(exported, monkeypatch,
+                                                                     constants):
+    """Each layer's decode interpreter copies that layer's weights (packed constants, or
+    pinned inputs), so the weight store's pages of the layer go back (``release_pending``)
+    before the next layer's: while the decoder is built, the mapping holds about one layer,
+    not the model (SmolLM2-135M, pinned: the process's peak RSS 1308 MB with every layer
+    released after the last, 810 MB layer by layer). The order of the calls is the
+    contract tested here: on a tiny model the kernel's fault-around (64 KB) maps more than
+    one layer anyway. With constants the pages go once the layer's program file is
+    written, before its interpreter exists."""
     from mobiletune.runtime.sharded import decode
     recipe, bundle = exported("sharded", "llama")
     r = open_bundle(bundle)
+    r.decode_constants = constants
     events, pin, release = [], decode.PinnedCall, r.store.release_pending
 
     def pinned(*a, **kw):
@@ -166,4 +172,5 @@ def test_pinning_hands_back_each_layers_store_pages_before_the_next(exported, mo
     monkeypatch.setattr(r.store, "release_pending", released)
     r.decoder()
     assert len(r.lay.layers) >= 3
-    assert events == ["pin", "release"] * len(r.lay.layers), events
+    pair = ["release", "pin"] if constants else ["pin", "release"]
+    assert events == pair * len(r.lay.layers), events

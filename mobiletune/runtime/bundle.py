@@ -11,6 +11,9 @@ Files (``FILE_ROLES`` name them in ``Manifest.files`` with size and sha256)::
     state.safetensors       initial state (tensors that start at zero are left out)
     base.safetensors        monolithic LoRA: the frozen base weights, for ``set_frozen``
     weights.safetensors     sharded: every frozen weight, memory-mapped by the phone
+    decode_<kind>.skel      sharded: ``block_decode_<kind>`` with the block's weights as
+                            constants, their bytes cut out (``ShardedLayout.decode_consts``
+                            says where each layer's weights go back in; schema 6)
     tokenizer.json, tokenizer_config.json
     report.json             what the exporter measured (not part of the contract)
 
@@ -61,7 +64,9 @@ input to the given array's shape, and ai-edge-litert 2.3.0's aarch64 build of
 the x86-64 build happens to tolerate it. So the manifest is refused if a signature declares
 a 0-d input, and the runner refuses a program that does.
 
-Schema 5 (this one) added the KV-cache decoding signatures (``prefill`` / ``decode``;
+Schema 6 (this one) added the constant-weight decode programs (``decode_<kind>.skel``,
+``ShardedLayout.decode_consts``); schema 5 bundles are still read (they decode with the
+weights as inputs). Schema 5 added the KV-cache decoding signatures (``prefill`` / ``decode``;
 sharded: ``block_prefill_*`` / ``block_decode_*`` / ``norm_decode``; side-tuning bundles
 have none). Schema 4 added the explicit ``step`` counter and the typed ``steps``,
 ``hf_config``, ``base_model``, ``thresholds`` and ``sharded`` fields. Older bundles are
@@ -74,12 +79,13 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from mobiletune.errors import MobiletuneError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
+OLDEST_SCHEMA = 5                   # read too: a bundle without the constant-weight decode files
 REEXPORT = "mobiletune export RECIPE.py --out BUNDLE [--sharded]"
 FORMAT = "mobiletune-training-bundle"
 
@@ -88,6 +94,7 @@ BASE, WEIGHTS, REPORT = "base.safetensors", "weights.safetensors", "report.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 FILE_ROLES = {"program": PROGRAM, "state": STATE, "base_weights": BASE, "weights": WEIGHTS,
               **{n: n for n in TOKENIZER_FILES}}
+_DECODE_ROLE = re.compile(r"decode_(k\d+)")   # + one file role per block kind (schema 6)
 
 TRAINABLE, ACC, OPT, FROZEN = "trainable/", "acc/", "opt/", "frozen/"
 ACC_NLL, ACC_COUNT, STEP = "acc_nll", "acc_count", "step"
@@ -184,6 +191,20 @@ def block_decode_sig(kind: str) -> str:
     return f"block_decode_{kind}"
 
 
+def decode_skeleton_role(kind: str) -> str:
+    """The file role (and ``+ ".skel"``, its file name) of a kind's constant-weight decode
+    program."""
+    return f"decode_{kind}"
+
+
+def decode_constant_names(inputs) -> list[str]:
+    """The inputs of ``block_decode_<kind>`` (TensorSpecs) that its constant-weight
+    program holds as constants: every 2-D weight but the LoRA factors (those stay inputs:
+    the converter folds the LoRA scale into a constant factor's product)."""
+    return [s.name for s in inputs
+            if s.name.startswith(W) and len(s.shape) == 2 and ".lora_" not in s.name]
+
+
 def block_prefill_sig(kind: str) -> str:
     return f"block_prefill_{kind}"
 
@@ -263,6 +284,9 @@ def _one_of(*values) -> _Kind:
 
 
 SHAPE = _list_of(NAT)
+REGION = _Kind("[input name, offset, bytes, transposed]",
+               lambda v: type(v) is list and len(v) == 4 and STR.ok(v[0]) and NAT.ok(v[1])
+               and POS.ok(v[2]) and BOOL.ok(v[3]))
 
 
 class _Reader:
@@ -378,6 +402,17 @@ class OptLeaf:
 
 
 @dataclass(frozen=True)
+class ConstRegion:
+    """Where one weight's bytes go in a decode skeleton: at ``offset`` of the assembled
+    program (the skeleton's bytes fill the gaps in order), ``nbytes`` of float32, the weight
+    as the signature input ``name`` holds it or, ``transposed``, its transpose."""
+    name: str
+    offset: int
+    nbytes: int
+    transposed: bool
+
+
+@dataclass(frozen=True)
 class ShardedLayout:
     store_dtype: str
     vocab_chunk: int
@@ -392,6 +427,7 @@ class ShardedLayout:
     clip_norm: float | None
     groups: tuple[OptGroup, ...]
     opt_leaves: dict                              # optimizer -> tuple[OptLeaf, ...]
+    decode_consts: dict = field(default_factory=dict)  # kind -> tuple[ConstRegion, ...]
 
     def opt_state_shape(self, leaf: OptLeaf, group: OptGroup) -> tuple[int, ...]:
         """A leaf shaped like one chunk is stored for the whole group's flat vector; any
@@ -424,10 +460,12 @@ class ShardedLayout:
                 "groups": [{"name": g.name, "tensors": list(g.tensors), "optimizer": g.optimizer,
                             "size": g.size} for g in self.groups],
                 "opt_leaves": {o: [{"name": x.name, "shape": list(x.shape), "dtype": x.dtype}
-                                   for x in v] for o, v in self.opt_leaves.items()}}
+                                   for x in v] for o, v in self.opt_leaves.items()},
+                "decode_consts": {k: [[x.name, x.offset, x.nbytes, x.transposed] for x in v]
+                                  for k, v in self.decode_consts.items()}}
 
     @classmethod
-    def read(cls, r: _Reader) -> "ShardedLayout":
+    def read(cls, r: _Reader, schema: int = SCHEMA_VERSION) -> "ShardedLayout":
         layers = []
         for x in r.items("layers"):
             attn = x.get("attn", _opt(_list_of(NUM)))
@@ -453,7 +491,8 @@ class ShardedLayout:
                   r.get("opt_chunk", POS), tuple(layers), kinds, r.get("embed", STR),
                   r.get("head", STR), tuple(r.get("norm", _list_of(STR))),
                   r.get("positions", _opt(STR)), r.get("embed_scale", _opt(NUM)),
-                  r.get("clip_norm", _opt(NUM)), groups, leaves)
+                  r.get("clip_norm", _opt(NUM)), groups, leaves,
+                  _decode_consts(r) if schema >= 6 else {})
         for i, x in enumerate(lay.layers):
             if x.kind not in lay.kinds:
                 r.fail(f"names kind {x.kind!r}, not one of {sorted(lay.kinds)}", f"layers[{i}].kind")
@@ -500,13 +539,32 @@ class SideLayout:
                    {k: tuple(shapes.get(k, SHAPE)) for k in shapes.d})
 
 
+def _decode_consts(r: _Reader) -> dict:
+    """kind -> regions, in increasing offset, none overlapping (schema 6; the kinds without
+    an entry decode over pinned weights)."""
+    r.get("decode_consts", OBJ)
+    d, out = r.sub("decode_consts"), {}
+    for kind in d.d:
+        regions = []
+        for i, x in enumerate(d.get(kind, _list_of(REGION))):
+            regions.append(ConstRegion(*x))
+            if i and regions[-2].offset + regions[-2].nbytes > x[1]:
+                d.fail(f"[{i}] overlaps the region before it", kind)
+        out[kind] = tuple(regions)
+    return out
+
+
 def _files(r: _Reader) -> dict:
     out = {}
     for role in r.d:
-        if role not in FILE_ROLES:
-            r.fail(f"is not a file role (known: {sorted(FILE_ROLES)})", role)
+        if role in FILE_ROLES:
+            path = FILE_ROLES[role]
+        elif _DECODE_ROLE.fullmatch(role):
+            path = role + ".skel"
+        else:
+            r.fail(f"is not a file role (known: {sorted(FILE_ROLES)} and decode_<kind>)", role)
         e = r.sub(role)
-        out[role] = FileEntry(e.get("path", _one_of(FILE_ROLES[role])), e.get("sha256", SHA),
+        out[role] = FileEntry(e.get("path", _one_of(path)), e.get("sha256", SHA),
                               e.get("bytes", NAT))
     return out
 
@@ -563,7 +621,7 @@ class Manifest:
         if v > SCHEMA_VERSION:
             raise BundleError(f"{source}: schema_version {v} is newer than this mobiletune "
                               f"understands ({SCHEMA_VERSION}); upgrade mobiletune on this device")
-        if v < SCHEMA_VERSION:
+        if v < OLDEST_SCHEMA:
             raise BundleError(f"{source}: schema_version {v} bundles are not read by this "
                               f"mobiletune (schema 1-2 passed scalars as 0-d signature inputs, "
                               f"which crash ai-edge-litert 2.3.0 on arm64; 3 lacked the step "
@@ -581,7 +639,7 @@ class Manifest:
                 base_model=r.get("base_model", _opt(STR)),
                 thresholds=_thresholds(r.sub("thresholds")),
                 sharded=None if r.get("sharded", _opt(OBJ)) is None
-                else ShardedLayout.read(r.sub("sharded")),
+                else ShardedLayout.read(r.sub("sharded"), v),
                 side=None if r.get("side", _opt(OBJ)) is None else SideLayout.read(r.sub("side")),
                 schema_version=v, format=FORMAT)
         m._check(r)
@@ -624,6 +682,26 @@ class Manifest:
         lost = sorted(set(self.required_signatures()) - sigs)
         if lost:
             r.fail(f"lacks the signature {lost[0]!r}", "signatures")
+        consts = self.sharded.decode_consts if self.sharded else {}
+        for role in self.files:
+            kind = _DECODE_ROLE.fullmatch(role)
+            if kind and kind[1] not in consts:
+                r.fail(f"has no regions for the {role!r} file", "sharded.decode_consts")
+        for kind, regions in consts.items():
+            where = f"sharded.decode_consts.{kind}"
+            if kind not in self.sharded.kinds:
+                r.fail(f"is not a block kind ({sorted(self.sharded.kinds)})", where)
+            if decode_skeleton_role(kind) not in self.files:
+                r.fail(f"has no {decode_skeleton_role(kind)!r} file", where)
+            inputs = self.signature(block_decode_sig(kind)).inputs
+            want = decode_constant_names(inputs)
+            if sorted(x.name for x in regions) != sorted(want):
+                r.fail(f"holds {sorted(x.name for x in regions)}; the constant weights of "
+                       f"{block_decode_sig(kind)} are {sorted(want)}", where)
+            shapes = {x.name: x.shape for x in inputs}
+            for x in regions:
+                if 4 * math.prod(shapes[x.name]) != x.nbytes:
+                    r.fail(f"{x.name!r} {shapes[x.name]} is not {x.nbytes} float32 bytes", where)
 
     def required_signatures(self) -> list[str]:
         """Every signature the runtime calls for this bundle."""

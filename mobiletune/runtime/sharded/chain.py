@@ -64,6 +64,7 @@ class ShardedRunner:
         self.vocab = int(manifest.model["vocab_size"])
         self.softcap = manifest.model.get("final_logit_softcapping")
         self._decoder = None
+        self.decode_constants = True   # False: decode over pinned weight inputs (benchmarks)
         self._room = None   # bytes for residuals + cached weights, after the first micro-batch
         self._saved: dict[int, dict] = {}   # layer -> its residuals, forward to backward
 
@@ -168,7 +169,7 @@ class ShardedRunner:
         """The KV-cache decoder (``runtime.sharded.decode``), built on first use."""
         if self._decoder is None:
             from mobiletune.runtime.sharded.decode import ShardedDecoder
-            self._decoder = ShardedDecoder(self)
+            self._decoder = ShardedDecoder(self, constants=self.decode_constants)
         return self._decoder
 
     def prefill(self, tokens):
