@@ -35,6 +35,9 @@ mt device train "$OUT/smollm2-bundle" --data "$("$PY" -c 'from mobiletune import
 mt ppl --model smollm2-135m --adapter "$OUT/phone/adapter" --text shakespeare:hamlet \
    --seq-len 512 --max-windows 2 | tail -1 > "$OUT/ppl_phone.txt"
 echo "Hamlet perplexity before: $(cat "$OUT/ppl_before.txt")   with the phone-trained adapter (30 steps on Macbeth): $(cat "$OUT/ppl_phone.txt")"
+# the phone's own generation: KV cache, each layer's weights as constants (the adapter's stay inputs)
+mt device generate "$OUT/smollm2-bundle" --state "$OUT/phone" \
+   --prompt "HAMLET. To be, or not to be" --max-new-tokens 40
 
 echo "== 5. Server-assisted side-tuning: the phone runs the frozen model forward, a server trains a side network =="
 echo "phone $("$PY" -c 'import secrets; print(secrets.token_hex(16))')" > "$OUT/side-token"; chmod 600 "$OUT/side-token"

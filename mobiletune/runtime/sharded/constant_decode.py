@@ -7,7 +7,10 @@ offsets the manifest records (``ShardedLayout.decode_consts``), into a file that
 memory-maps; XNNPACK packs the constants once when the interpreter first runs, and then
 runs each one-row product at memory speed (~20 GB/s here, against ~9 GB/s for weights that
 are inputs). ``drop_mapped_pages`` then hands the file's mapped pages back (the packed copy
-is what runs), so the layer is resident once, not twice.
+is what runs), so the layer is resident once, not twice. The files are unlinked once open,
+but their blocks stay allocated while the decoder lives (LiteRT keeps each mapped): about
+the layers' float32 weights in the temporary directory (``TMPDIR``; on a phone's Termux, the
+app's storage; where ``/tmp`` is a tmpfs that is RAM, so point ``TMPDIR`` at a disk).
 """
 
 from __future__ import annotations
