@@ -6,7 +6,7 @@
   a short prompt, and then each new token, per chunk of C tokens from position p (C = 1):
       h = embed(tokens) (+ position rows)                                  host
       per layer: h, k, v = block_decode(h, p, cache_i, W_i); cache_i[p:p+n] = k, v (n real)
-  hn = norm_decode(h of the last real token); logits = head @ hn           host head
+  hn = norm_decode(h of the last real token); logits = head @ hn   host, rows / thread
 
 The cache lives on the host (``runtime.runner.HostCache``). Decoding keeps the whole model
 resident: each layer's ``block_decode`` runs on an interpreter of its own
@@ -22,18 +22,21 @@ rebuilds it (the constants are the state's weights).
 from __future__ import annotations
 
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from mobiletune.runtime import bundle as B
-from mobiletune.runtime.litert import PinnedCall
+from mobiletune.runtime.litert import PinnedCall, usable_cores
 from mobiletune.runtime.runner import HostCache, check_position, padded_tokens
 from mobiletune.runtime.sharded.constant_decode import drop_mapped_pages, write_program
 
-# Prompts up to this many tokens go through block_decode one token at a time (SmolLM2-135M:
-# ~35 ms a token over constant weights, ~57 pinned); longer ones through block_prefill's one
-# pass over the padded window (~1 s for its 128 positions, weights streamed from the store).
+# Prompts up to this many tokens go through block_decode one token at a time; longer ones
+# through block_prefill's one pass over the padded window, weights streamed from the store.
+# SmolLM2-135M, quiet machine, store pages cached: 24 ms a token over constant weights
+# against block_prefill's 0.33 s, so the two meet at 13-14 tokens (pinned, at ~57 ms a
+# token, sooner; with the store's pages on disk, block_prefill takes ~1 s and later).
 PREFILL_MIN = 16
 
 
@@ -45,6 +48,10 @@ class ShardedDecoder:
         h = next(s for s in self.m.signature(B.block_decode_sig(kind)).inputs if s.name == "h")
         self.chunk = h.shape[1]
         self.head = np.array(runner.weight(self.lay.head), np.float32)  # (V, D), its own copy
+        n = runner.call.threads or usable_cores()                    # as LiteRT runs
+        cut = np.linspace(0, self.head.shape[0], n + 1).astype(int)
+        self._rows = list(zip(cut[:-1], cut[1:]))                  # the head's rows per thread
+        self._pool = ThreadPoolExecutor(n, "mobiletune-head") if n > 1 else None
         self.norm = {B.W + n: runner.weight(n) for n in self.lay.norm}
         c = self.m.model
         shape = (1, self.m.seq_len, c["num_kv_heads"], c["head_dim"])          # (1, T, K, Dh)
@@ -85,9 +92,13 @@ class ShardedDecoder:
         hn = self.r.call(B.NORM_DECODE, {"h": h, **self.norm})["hn"][0, 0]
         # einsum, not ``@``: numpy's BLAS leaves its worker threads spinning after a call,
         # and on 2 cores they took the CPU from LiteRT's threads (30 layers: 65-70 ms a
-        # token with einsum or one BLAS thread, 110-145 ms after a threaded BLAS matvec;
-        # the matvec itself took 8 ms either way)
-        logits = np.einsum("vd,d->v", self.head, hn)
+        # token with einsum or one BLAS thread, 110-145 ms after a threaded BLAS matvec).
+        # One einsum reads the head at one core's bandwidth (SmolLM2-135M: 7.4 ms, 15 GB/s);
+        # einsum releases the GIL, so a slice of rows per thread reads it at both cores'
+        # (3.9 ms), and the pool's idle threads wait on a lock, not spinning
+        logits = np.empty(self.head.shape[0], np.float32)
+        part = lambda b: np.einsum("vd,d->v", self.head[b[0]:b[1]], hn, out=logits[b[0]:b[1]])
+        list(self._pool.map(part, self._rows)) if self._pool else part(self._rows[0])
         c = self.r.softcap
         return logits if c is None else np.tanh(logits / np.float32(c)) * np.float32(c)
 
