@@ -22,6 +22,7 @@ rebuilds it (the constants are the state's weights).
 from __future__ import annotations
 
 import tempfile
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,7 +44,10 @@ PREFILL_MIN = 16
 class ShardedDecoder:
     def __init__(self, runner, prefill_min: int = PREFILL_MIN, constants: bool = True):
         self.prefill_min = prefill_min
-        self.r, self.m, self.lay = runner, runner.manifest, runner.lay
+        # the runner keeps its decoder (``runner.decoder()``); a weak reference back, so that
+        # dropping the runner frees the decoder's copy of the model at once, not at a later
+        # cyclic garbage collection
+        self.r, self.m, self.lay = weakref.proxy(runner), runner.manifest, runner.lay
         kind = self.lay.layers[0].kind
         h = next(s for s in self.m.signature(B.block_decode_sig(kind)).inputs if s.name == "h")
         self.chunk = h.shape[1]
