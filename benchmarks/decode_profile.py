@@ -1,0 +1,113 @@
+"""Where a decoded token's time goes on a sharded bundle: the layer calls (LiteRT's
+``Invoke`` apart from moving the inputs in and the outputs out), the final norm, the head,
+the embedding row and the cache writes, over constant weights and over pinned ones.
+
+  python benchmarks/decode_profile.py [--bundle DIR] [--tokens 40] [--threads 2]
+
+Without ``--bundle`` it exports the bundle ``decoding.py`` does (SmolLM2-135M, window 128).
+Both decoders run in this one process, one after the other: a 13-token prompt, 3 decode
+steps of warm-up, then ``--tokens`` steps timed part by part (the same work as
+``ShardedDecoder.decode``, spelled out). The last line is numpy's threaded matvec over the
+head, the memory-bandwidth yardstick of the same minute. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import numpy as np
+from decoding import RECIPE
+
+PARTS = ("set inputs", "invoke", "get outputs", "cache writes", "embed", "norm + head")
+
+
+def profile(r, constants: bool, n: int) -> dict:
+    from mobiletune.runtime import bundle as B
+    from mobiletune.runtime.sharded.decode import ShardedDecoder
+    d = ShardedDecoder(r, constants=constants)
+    prompt = list(range(100, 113))
+    logits, cache = d.prefill(prompt)
+    pos = len(prompt)
+    t = dict.fromkeys(PARTS, 0.0)
+    clock = time.perf_counter
+    for step in range(3 + n):
+        if step == 3:
+            t = dict.fromkeys(PARTS, 0.0)
+            total = clock()
+        ids = np.full((1, 1), int(np.argmax(logits)), np.int32)
+        a = clock()
+        h = r.embed_at(ids, pos)
+        t["embed"] += clock() - a
+        at = np.full((1,), pos, np.int32)
+        for i, call in enumerate(d.layers):
+            a = clock()
+            for k, v in {"h": h, "pos": at, B.K_CACHE: cache.k[i:i + 1],
+                         B.V_CACHE: cache.v[i:i + 1]}.items():
+                call._w.SetTensor(call._in[k], v, call._sub)
+            b = clock()
+            call._w.Invoke(call._sub)
+            c = clock()
+            out = {k: call._w.GetTensor(j, call._sub) for k, j in call._out}
+            e = clock()
+            h = out["h"]
+            cache.k[i, pos], cache.v[i, pos] = out["k"][0, 0], out["v"][0, 0]
+            t["set inputs"] += b - a
+            t["invoke"] += c - b
+            t["get outputs"] += e - c
+            t["cache writes"] += clock() - e
+        a = clock()
+        logits = d._logits(h)
+        t["norm + head"] += clock() - a
+        pos += 1
+    total = clock() - total
+    return {"ms": {k: 1e3 * v / n for k, v in t.items()}, "total_ms": 1e3 * total / n,
+            "head_mb": d.head.nbytes / 1e6, "head": d.head}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", help="a sharded bundle (default: export decoding.py's)")
+    ap.add_argument("--tokens", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="mobiletune-decode-profile-") as tmp:
+        bundle = a.bundle
+        if bundle is None:
+            bundle = str(Path(tmp) / "bundle")
+            ex = common.run([sys.executable, "-m", "export", RECIPE, "--sharded", "--set",
+                             "lora.dropout=0", "--out", bundle, "--no-verify"], a.threads)
+            if ex.rc:
+                print(f"export failed: {ex.error()}", file=sys.stderr)
+                return 1
+        from mobiletune.runtime.runner import open_bundle
+        r = open_bundle(bundle, threads=a.threads)
+        res = {name: profile(r, name == "constants", a.tokens) for name in ("constants", "pinned")}
+    w = res["constants"].pop("head")
+    res["pinned"].pop("head")
+    x = np.ones(w.shape[1], np.float32)
+    w @ x
+    s = min(_timed(lambda: w @ x) for _ in range(10))
+    print(f"Decoding, {a.tokens} tokens after a 13-token prompt, {a.threads} threads: "
+          f"ms a token\n\n| part | constants | pinned |\n|---|---:|---:|")
+    for k in PARTS:
+        print(f"| {k} | {res['constants']['ms'][k]:.2f} | {res['pinned']['ms'][k]:.2f} |")
+    print(f"| **a token** | **{res['constants']['total_ms']:.2f}** | "
+          f"**{res['pinned']['total_ms']:.2f}** |")
+    print(f"\nnumpy's threaded matvec over the head ({res['constants']['head_mb']:.0f} MB): "
+          f"{s * 1e3:.2f} ms, {w.nbytes / s / 1e9:.1f} GB/s")
+    return 0
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    sys.exit(main())
