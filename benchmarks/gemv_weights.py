@@ -2,6 +2,7 @@
 weights streams them (decoding reads every weight once a token, so this is its speed).
 
   python benchmarks/gemv_weights.py [--layers 30] [--rows 576] [--cols 6144] [--threads 2]
+                                    [--batch 1]
 
 ``--layers`` separate (rows × cols) float32 weights, together larger than the caches (30 ×
 14 MB: a SmolLM2-135M's layers), each multiplied by one row in turn; best of 7 passes:
@@ -13,7 +14,10 @@ weights streams them (decoding reads every weight once a token, so this is its s
                     input: LiteRT's built-in kernel; how schema 5 bundles decoded)
   ``litert-bmm``    the weight as an input, as a batched matmul (how training multiplies)
 
-Prints a markdown table: ms per pass, GB/s of weights read, ratio to ``litert-input``.
+Prints a markdown table: ms per pass, GB/s of weights read, GFLOP/s, ratio to
+``litert-input``, and for the LiteRT rows the time to build the interpreters (open, allocate,
+first call: where XNNPACK packs a constant weight). ``--batch 512 --rows 768 --cols 3072
+--layers 4`` asks the same of a training-sized product (512 tokens, a GPT-2 MLP weight).
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 
-def _program(k: int, n: int, how: str, w: np.ndarray) -> bytes:
+def _program(m: int, k: int, n: int, how: str, w: np.ndarray) -> bytes:
     import tensorflow as tf
-    x = tf.TensorSpec((1, k), tf.float32)
+    x = tf.TensorSpec((m, k), tf.float32)
     if how == "litert-const":
         f = tf.function(lambda a: tf.matmul(a, tf.constant(w.T.copy()), transpose_b=True),
                         input_signature=[x])
@@ -57,29 +61,37 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=576, help="the product's inputs (k)")
     ap.add_argument("--cols", type=int, default=6144, help="its outputs (n)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1, help="rows of the input (m)")
     a = ap.parse_args(argv)
     from ai_edge_litert.interpreter import Interpreter
     rng = np.random.default_rng(0)
-    k, n = a.rows, a.cols
+    m, k, n = a.batch, a.rows, a.cols
     ws = [rng.standard_normal((k, n)).astype(np.float32) for _ in range(a.layers)]
-    x = rng.standard_normal((1, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
     nbytes = sum(w.nbytes for w in ws)
-    rows = {"numpy": best(lambda: [x @ w for w in ws])}
+    rows, build = {"numpy": best(lambda: [x @ w for w in ws])}, {}
     for how in ("litert-const", "litert-input", "litert-bmm"):
-        its = []
-        for w in ws:
-            it = Interpreter(model_content=_program(k, n, how, w), num_threads=a.threads)
+        its, programs = [], [_program(m, k, n, how, w) for w in ws]
+        t = time.perf_counter()
+        for w, prog in zip(ws, programs):
+            it = Interpreter(model_content=prog, num_threads=a.threads)
             it.allocate_tensors()
             for d in it.get_input_details():
-                it.set_tensor(d["index"], x if tuple(d["shape"]) == (1, k)
+                it.set_tensor(d["index"], x if tuple(d["shape"]) == (m, k)
                               else (w if how == "litert-bmm" else w.T.copy()))
+            it.invoke()
             its.append(it)
+        build[how] = time.perf_counter() - t
         rows[how] = best(lambda its=its: [it.invoke() for it in its])
-    print(f"{a.layers} × ({k}×{n}) float32 weights, one row, {a.threads} threads "
+    flops = 2 * m * k * n * a.layers
+    print(f"{a.layers} × ({k}×{n}) float32 weights, {m} row(s), {a.threads} threads "
           f"({nbytes / 2**20:.0f} MB a pass)\n")
-    print("| weights | ms a pass | GB/s | vs litert-input |\n|---|---:|---:|---:|")
+    print("| weights | ms a pass | GB/s | GFLOP/s | vs litert-input | build ms |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for how, s in rows.items():
-        print(f"| {how} | {s * 1e3:.1f} | {nbytes / s / 1e9:.1f} | {rows['litert-input'] / s:.2f}× |")
+        b = f"{build[how] * 1e3:.0f}" if how in build else "—"
+        print(f"| {how} | {s * 1e3:.1f} | {nbytes / s / 1e9:.1f} | {flops / s / 1e9:.0f} | "
+              f"{rows['litert-input'] / s:.2f}× | {b} |")
     return 0
 
 
