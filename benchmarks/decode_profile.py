@@ -19,9 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import common
 import numpy as np
-from decoding import RECIPE
+from decoding import export_bundle
 
 PARTS = ("set inputs", "invoke", "get outputs", "cache writes", "embed", "norm + head")
 
@@ -76,14 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mobiletune-decode-profile-") as tmp:
-        bundle = a.bundle
+        bundle = a.bundle or export_bundle(Path(tmp), a.threads)
         if bundle is None:
-            bundle = str(Path(tmp) / "bundle")
-            ex = common.run([sys.executable, "-m", "export", RECIPE, "--sharded", "--set",
-                             "lora.dropout=0", "--out", bundle, "--no-verify"], a.threads)
-            if ex.rc:
-                print(f"export failed: {ex.error()}", file=sys.stderr)
-                return 1
+            return 1
         from mobiletune.runtime.runner import open_bundle
         r = open_bundle(bundle, threads=a.threads)
         res = {name: profile(r, name == "constants", a.tokens) for name in ("constants", "pinned")}

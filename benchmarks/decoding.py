@@ -105,6 +105,18 @@ def table(res: dict) -> str:
     return "\n".join(out)
 
 
+def export_bundle(tmp: Path, threads: int) -> str | None:
+    """The default bundle (the module docstring's) in ``tmp``; None, with the export's error
+    on stderr, if it failed."""
+    bundle = str(tmp / "bundle")
+    ex = common.run([sys.executable, "-m", "export", RECIPE, "--sharded", "--set",
+                     "lora.dropout=0", "--out", bundle, "--no-verify"], threads)
+    if ex.rc:
+        print(f"export failed: {ex.error()}", file=sys.stderr)
+        return None
+    return bundle
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", help="a sharded or monolithic bundle (default: export one)")
@@ -116,14 +128,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=str(common.HERE / "results"))
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mobiletune-decoding-") as tmp:
-        bundle = args.bundle
+        bundle = args.bundle or export_bundle(Path(tmp), args.threads)
         if bundle is None:
-            bundle = str(Path(tmp) / "bundle")
-            ex = common.run([sys.executable, "-m", "export", RECIPE, "--sharded", "--set",
-                             "lora.dropout=0", "--out", bundle, "--no-verify"], args.threads)
-            if ex.rc:
-                print(f"export failed: {ex.error()}", file=sys.stderr)
-                return 1
+            return 1
         man = json.loads((Path(bundle) / "manifest.json").read_text())
         spec = {"bundle": bundle, "model": args.model, "prompt": PROMPT, "threads": args.threads}
         systems = {}
