@@ -135,7 +135,6 @@ def test_the_program_files_leave_the_resident_set(exported):
     assert rss == 0, rss
 
 
-
 def test_dropping_the_runner_unmaps_the_decoder_at_once(exported):
     """The decoder refers to its runner weakly: no cycle keeps its interpreters (and their
     program files' mappings, and the packed model) alive until a garbage collection."""
@@ -145,6 +144,7 @@ def test_dropping_the_runner_unmaps_the_decoder_at_once(exported):
     assert _decode_file_mappings()[0]
     del r
     assert _decode_file_mappings()[0] == []
+
 
 def _edited(bundle, tmp_path, edit):
     d = tmp_path / "b"

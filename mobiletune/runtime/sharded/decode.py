@@ -101,8 +101,12 @@ class ShardedDecoder:
         # einsum releases the GIL, so a slice of rows per thread reads it at both cores'
         # (3.9 ms), and the pool's idle threads wait on a lock, not spinning
         logits = np.empty(self.head.shape[0], np.float32)
-        part = lambda b: np.einsum("vd,d->v", self.head[b[0]:b[1]], hn, out=logits[b[0]:b[1]])
-        list(self._pool.map(part, self._rows)) if self._pool else part(self._rows[0])
+        def rows(b):
+            np.einsum("vd,d->v", self.head[b[0]:b[1]], hn, out=logits[b[0]:b[1]])
+        if self._pool is None:
+            rows(self._rows[0])
+        else:
+            list(self._pool.map(rows, self._rows))     # list(): waits, and raises what failed
         c = self.r.softcap
         return logits if c is None else np.tanh(logits / np.float32(c)) * np.float32(c)
 
