@@ -52,10 +52,10 @@ class ShardedDecoder:
         h = next(s for s in self.m.signature(B.block_decode_sig(kind)).inputs if s.name == "h")
         self.chunk = h.shape[1]
         self.head = np.array(runner.weight(self.lay.head), np.float32)  # (V, D), its own copy
-        n = runner.call.threads or usable_cores()                    # as LiteRT runs
-        cut = np.linspace(0, self.head.shape[0], n + 1).astype(int)
+        threads = runner.call.threads or usable_cores()              # as LiteRT runs
+        cut = np.linspace(0, self.head.shape[0], threads + 1).astype(int)
         self._rows = list(zip(cut[:-1], cut[1:]))                  # the head's rows per thread
-        self._pool = ThreadPoolExecutor(n, "mobiletune-head") if n > 1 else None
+        self._pool = ThreadPoolExecutor(threads, "mobiletune-head") if threads > 1 else None
         self.norm = {B.W + n: runner.weight(n) for n in self.lay.norm}
         c = self.m.model
         shape = (1, self.m.seq_len, c["num_kv_heads"], c["head_dim"])          # (1, T, K, Dh)
