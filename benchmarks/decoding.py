@@ -13,7 +13,9 @@ model is the base model the desktop generator runs). Each system runs in its own
 (JAX: compiling; device: one interpreter per layer over a program file with the layer's
 weights as constants, which XNNPACK packs, and widening the head), ``warm`` the second.
 ``device-cache-pinned`` decodes as bundles of schema 5 did: the program's ``block_decode``
-with each layer's weights pinned as inputs (``decode_constants=False``). tokens/s = new
+with each layer's weights pinned as inputs (``decode_constants=False``; for a monolithic
+``--bundle``, the program's own ``decode`` over its variables, as schema 5-6 monolithic
+bundles decoded; from schema 7 they decode layer by layer as sharded ones). tokens/s = new
 tokens / the call's wall time, which includes the prompt's prefill (the two device-cache
 systems also report decode-only tokens/s: the warm call less one timed prefill, over the
 tokens after the first). The no-cache system generates fewer tokens (``--infer-tokens``):

@@ -18,6 +18,8 @@ Those byte ranges are cut out; the rest (22 KB for SmolLM2-135M) is the bundle's
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from export.common import ExportError
@@ -58,3 +60,16 @@ def skeleton(fn, specs, name: str, seed: int = 0) -> tuple[bytes, tuple, list]:
         at = r.offset + r.nbytes
     parts.append(flat[at:])
     return b"".join(parts), tuple(regions), rest
+
+
+def write_skeletons(table: dict, kinds, tmp: Path, files: dict) -> tuple[dict, int]:
+    """Each kind's ``decode_<kind>.skel`` (from ``block_decode_<kind>`` in ``table``) into
+    ``tmp`` and ``files``; returns (kind -> regions, the skeletons' bytes)."""
+    consts, nbytes = {}, 0
+    for kind in kinds:
+        name, role = B.block_decode_sig(kind), B.decode_skeleton_role(kind)
+        skel, consts[kind], _ = skeleton(*table[name], name)
+        (tmp / (role + ".skel")).write_bytes(skel)
+        files[role] = B.file_entry(tmp, role + ".skel")
+        nbytes += len(skel)
+    return consts, nbytes

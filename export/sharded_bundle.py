@@ -91,12 +91,8 @@ def export_sharded(recipe: Recipe, out, variants, store_dtype: str = "float32",
         files["program"] = B.file_entry(tmp, B.PROGRAM)
         program_bytes = len(flat)
         t1 = time.perf_counter()
-        for kind in sm.kinds:
-            name, role = B.block_decode_sig(kind), B.decode_skeleton_role(kind)
-            skel, consts[kind], _ = constant_decode.skeleton(*table[name], name)
-            (tmp / (role + ".skel")).write_bytes(skel)
-            files[role] = B.file_entry(tmp, role + ".skel")
-            program_bytes += len(skel)
+        consts, n = constant_decode.write_skeletons(table, sm.kinds, tmp, files)
+        program_bytes += n
         convert_s += time.perf_counter() - t1
     sigs = signature_meta(sm, variants)
     manifest = B.Manifest(**manifest_fields(recipe, sm.cfg, sm.lcfg, tok, variants),

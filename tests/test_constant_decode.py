@@ -1,4 +1,4 @@
-"""Decoding over constant weights (bundle schema 6): the exporter's skeleton of
+"""Decoding over constant weights (bundle schema 6; monolithic, 7): the exporter's skeleton of
 ``block_decode_<kind>`` with the weights cut out, the phone's program file per layer, and the
 manifest's contract for both.
 
@@ -81,18 +81,22 @@ def test_the_exporter_refuses_a_weight_the_converter_folds():
         skeleton(fn, specs, "sig")
 
 
+@pytest.mark.parametrize("kind", ["sharded", "mono"])
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
-def test_constant_weight_decoding_equals_pinned_weights(exported, family):
+def test_constant_weight_decoding_equals_pinned_weights(exported, kind, family):
     """With an adapter (LoRA factors stay inputs, the base products are constants): the
     decoder's interpreters take none of the constant weights as inputs, and their logits
     equal the program's ``block_decode`` over the pinned weights (that one on one thread, so
-    the head's matvec runs unsplit there and split over the cores here)."""
-    _, bundle = exported("sharded", family)
+    the head's matvec runs unsplit there and split over the cores here). A monolithic bundle
+    (schema 7) decodes with the same per-layer programs; its reference is the program's
+    own ``decode`` over its resource variables, the whole model in one signature."""
+    _, bundle = exported(kind, family)
     r = open_bundle(bundle)
     r.set_state(adapted_state(r))
-    consts = r.lay.decode_consts
-    assert set(consts) == set(r.lay.kinds)
-    for call, ly in zip(r.decoder().layers, r.lay.layers):
+    lay = r.manifest.decode_layout
+    consts = lay.decode_consts
+    assert set(consts) == set(lay.kinds)
+    for call, ly in zip(r.decoder().layers, lay.layers):
         names = {x.name for x in consts[ly.kind]}
         inputs = set(call.it.get_signature_list()[B.block_decode_sig(ly.kind)]["inputs"])
         assert names and not names & inputs
@@ -173,6 +177,22 @@ def test_a_schema_5_bundle_decodes_over_pinned_weights(exported, tmp_path):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
 
 
+def test_a_schema_6_monolithic_bundle_decodes_with_its_program(exported, tmp_path):
+    """Before schema 7 a monolithic bundle had no per-layer decode programs: it is still
+    read, and decodes with the program's ``decode`` to the same logits."""
+    _, bundle = exported("mono", "llama")
+
+    def to_6(man, d):
+        man["schema_version"] = 6
+        del man["decoding"]
+        for role in [k for k in man["files"] if k.startswith("decode_")]:
+            (d / man["files"].pop(role)["path"]).unlink()
+    r6 = open_bundle(_edited(bundle, tmp_path, to_6))
+    assert r6.manifest.decoding is None and r6.decoder() is None
+    for a, b in zip(_decode_logits(r6), _decode_logits(open_bundle(bundle))):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m["sharded"]["decode_consts"]["k0"][0].__setitem__(2, 12),
      r"decode_consts.k0' 'w__self_attn.q_proj.weight' \(60, 30\) is not 12 float32 bytes"),
@@ -189,6 +209,26 @@ def test_a_schema_5_bundle_decodes_over_pinned_weights(exported, tmp_path):
 ])
 def test_the_manifest_refuses_bad_constant_regions(exported, tmp_path, edit, message):
     _, bundle = exported("sharded", "llama")
+    d = _edited(bundle, tmp_path, lambda man, d: edit(man))
+    with pytest.raises(BundleError, match=message):
+        B.read_manifest(d)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["decoding"]["decode_consts"]["k0"].pop(0),
+     r"decoding.decode_consts.k0' holds \[.*\]; the constant weights of block_decode_k0"),
+    (lambda m: m["decoding"].update(groups=[{"name": "g", "tensors": [], "optimizer": "decay",
+                                             "size": 1}], opt_leaves={"decay": []}),
+     r"'decoding' is for monolithic bundles, and holds no optimizer groups"),
+    (lambda m: m["decoding"].pop("layers"), r"decoding.layers"),
+    (lambda m: m["signatures"].pop(next(i for i, s in enumerate(m["signatures"])
+                                        if s["name"] == "norm_decode")),
+     r"lacks the signature 'norm_decode'"),
+    (lambda m: m["files"].pop("decode_k0"), r"decoding.decode_consts.k0' has no 'decode_k0'"),
+])
+def test_the_manifest_refuses_a_bad_monolithic_decoding_layout(exported, tmp_path, edit,
+                                                                message):
+    _, bundle = exported("mono", "llama")
     d = _edited(bundle, tmp_path, lambda man, d: edit(man))
     with pytest.raises(BundleError, match=message):
         B.read_manifest(d)

@@ -438,8 +438,14 @@ class ShardedModel:
 
 def signature_meta(sm: ShardedModel, variants) -> list[Signature]:
     """The manifest's signature list, outputs from an abstract evaluation."""
+    return table_meta(sm.signatures(variants))
+
+
+def table_meta(table: dict) -> list[Signature]:
+    """The manifest's entries for a signature table (name -> (fn, [TensorSpec])), outputs
+    from an abstract evaluation."""
     out = []
-    for name, (fn, specs) in sm.signatures(variants).items():
+    for name, (fn, specs) in table.items():
         args = {s.name: jax.ShapeDtypeStruct(s.shape, s.dtype) for s in specs}
         res = jax.eval_shape(fn, args)
         inputs = tuple(TensorSpec(s.name, signature_shape(s.shape), s.dtype) for s in specs)

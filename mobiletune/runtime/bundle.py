@@ -11,9 +11,10 @@ Files (``FILE_ROLES`` name them in ``Manifest.files`` with size and sha256)::
     state.safetensors       initial state (tensors that start at zero are left out)
     base.safetensors        monolithic LoRA: the frozen base weights, for ``set_frozen``
     weights.safetensors     sharded: every frozen weight, memory-mapped by the phone
-    decode_<kind>.skel      sharded: ``block_decode_<kind>`` with the block's weights as
-                            constants, their bytes cut out (``ShardedLayout.decode_consts``
-                            says where each layer's weights go back in; schema 6)
+    decode_<kind>.skel      ``block_decode_<kind>`` with the block's weights as constants,
+                            their bytes cut out (``ShardedLayout.decode_consts`` says where
+                            each layer's weights go back in; sharded: schema 6, monolithic:
+                            schema 7, with ``Manifest.decoding`` as its layout)
     tokenizer.json, tokenizer_config.json
     report.json             what the exporter measured (not part of the contract)
 
@@ -38,6 +39,9 @@ set of resource variables, so variants can be switched at any step:
       ``< pos`` and itself; it returns its own keys/values, which the host writes into slot
       ``pos`` (the cache lives on the host between calls; the program holds none of it)
   ``get_state()`` / ``set_state(<input_name(state name)>...)`` / ``set_frozen(...)``
+  and (schema 7) the sharded ``block_decode_<kind>`` and ``norm_decode`` below, weights as
+  inputs, over the layout ``Manifest.decoding``: the phone decodes one layer at a time over
+  its weights as constants (``decode_<kind>.skel``), as a sharded bundle does
 inputs/targets are int32 (k, T); loss_mask float32 (k, T). The loss of an optimizer step is
 the summed NLL over counted tokens of the effective batch / their number.
 
@@ -64,7 +68,9 @@ input to the given array's shape, and ai-edge-litert 2.3.0's aarch64 build of
 the x86-64 build happens to tolerate it. So the manifest is refused if a signature declares
 a 0-d input, and the runner refuses a program that does.
 
-Schema 6 (this one) added the constant-weight decode programs (``decode_<kind>.skel``,
+Schema 7 (this one) gave monolithic bundles the constant-weight decode programs and the
+layout they need (``Manifest.decoding``); schema 5-6 monolithic bundles decode with the
+program's ``decode`` signature. Schema 6 added the constant-weight decode programs (``decode_<kind>.skel``,
 ``ShardedLayout.decode_consts``); schema 5 bundles are still read (they decode with the
 weights as inputs). Schema 5 added the KV-cache decoding signatures (``prefill`` / ``decode``;
 sharded: ``block_prefill_*`` / ``block_decode_*`` / ``norm_decode``; side-tuning bundles
@@ -84,7 +90,7 @@ from pathlib import Path
 
 from mobiletune.errors import MobiletuneError
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 OLDEST_SCHEMA = 5                   # read too: a bundle without the constant-weight decode files
 REEXPORT = "mobiletune export RECIPE.py --out BUNDLE [--sharded]"
 FORMAT = "mobiletune-training-bundle"
@@ -591,8 +597,17 @@ class Manifest:
     thresholds: dict                 # energy scheduler thresholds (Thresholds.to_dict())
     sharded: ShardedLayout | None = None   # None: a monolithic bundle
     side: SideLayout | None = None   # a side-tuning bundle (sharded, forward only)
+    # monolithic, schema 7: the model's layers for decoding over constant weights (no
+    # optimizer groups: the program trains); None: decode with the program's ``decode``
+    decoding: ShardedLayout | None = None
     schema_version: int = SCHEMA_VERSION
     format: str = FORMAT
+
+    @property
+    def decode_layout(self) -> ShardedLayout | None:
+        """The layout the per-layer decoder runs over (sharded, or a monolithic bundle's
+        ``decoding``); None: a monolithic bundle that decodes with its ``decode``."""
+        return self.sharded or self.decoding
 
     def signature(self, name: str) -> Signature:
         for s in self.signatures:
@@ -608,6 +623,7 @@ class Manifest:
                  signatures=[s.to_dict() for s in self.signatures],
                  files={k: v.to_dict() for k, v in self.files.items()},
                  sharded=None if self.sharded is None else self.sharded.to_dict(),
+                 decoding=None if self.decoding is None else self.decoding.to_dict(),
                  side=None if self.side is None else self.side.to_dict())
         return json.dumps(d, indent=1, sort_keys=True) + "\n"
 
@@ -641,11 +657,15 @@ class Manifest:
                 sharded=None if r.get("sharded", _opt(OBJ)) is None
                 else ShardedLayout.read(r.sub("sharded"), v),
                 side=None if r.get("side", _opt(OBJ)) is None else SideLayout.read(r.sub("side")),
+                decoding=None if v < 7 or r.get("decoding", _opt(OBJ)) is None
+                else ShardedLayout.read(r.sub("decoding"), v),
                 schema_version=v, format=FORMAT)
         m._check(r)
         return m
 
     def _check(self, r: _Reader) -> None:
+        if self.decoding is not None and (self.sharded is not None or self.decoding.groups):
+            r.fail("is for monolithic bundles, and holds no optimizer groups", "decoding")
         if self.side is not None and self.sharded is None:
             r.fail("needs a sharded layout (side-tuning bundles run the backbone per block)",
                    "side")
@@ -682,15 +702,18 @@ class Manifest:
         lost = sorted(set(self.required_signatures()) - sigs)
         if lost:
             r.fail(f"lacks the signature {lost[0]!r}", "signatures")
-        consts = self.sharded.decode_consts if self.sharded else {}
+        lay, key = (self.sharded, "sharded") if self.sharded else (self.decoding, "decoding")
+        if self.decoding is not None:
+            self._check_decoding(r)
+        consts = lay.decode_consts if lay else {}
         for role in self.files:
             kind = _DECODE_ROLE.fullmatch(role)
             if kind and kind[1] not in consts:
-                r.fail(f"has no regions for the {role!r} file", "sharded.decode_consts")
+                r.fail(f"has no regions for the {role!r} file", f"{key}.decode_consts")
         for kind, regions in consts.items():
-            where = f"sharded.decode_consts.{kind}"
-            if kind not in self.sharded.kinds:
-                r.fail(f"is not a block kind ({sorted(self.sharded.kinds)})", where)
+            where = f"{key}.decode_consts.{kind}"
+            if kind not in lay.kinds:
+                r.fail(f"is not a block kind ({sorted(lay.kinds)})", where)
             if decode_skeleton_role(kind) not in self.files:
                 r.fail(f"has no {decode_skeleton_role(kind)!r} file", where)
             inputs = self.signature(block_decode_sig(kind)).inputs
@@ -703,6 +726,33 @@ class Manifest:
                 if 4 * math.prod(shapes[x.name]) != x.nbytes:
                     r.fail(f"{x.name!r} {shapes[x.name]} is not {x.nbytes} float32 bytes", where)
 
+    def _check_decoding(self, r: _Reader) -> None:
+        """A monolithic bundle's ``decoding``: one entry per layer of the model, each kind's
+        weights the inputs of its ``block_decode``, every weight named one of the bundle's."""
+        lay, n = self.decoding, self.model["num_layers"]
+        if len(lay.layers) != n:
+            r.fail(f"has {len(lay.layers)} entries; the model has {n} layers", "decoding.layers")
+        have = {s.name[len(TRAINABLE):] for s in self.state if s.name.startswith(TRAINABLE)}
+        have |= {s.name[len(FROZEN):] for s in self.frozen}
+        for kind, names in lay.kinds.items():
+            inputs = {s.name for s in self.signature(block_decode_sig(kind)).inputs}
+            want = {W + x for x in names.frozen + names.trainable}
+            if want != {x for x in inputs if x.startswith(W)}:
+                r.fail(f"are not the weight inputs of {block_decode_sig(kind)}",
+                       f"decoding.kinds.{kind}")
+        for i, x in enumerate(lay.layers):
+            k = lay.kinds[x.kind]
+            lost = [x.prefix + w for w in k.frozen + k.trainable if x.prefix + w not in have]
+            if lost:
+                r.fail(f"needs {lost[0]!r}, not a weight of the bundle", f"decoding.layers[{i}]")
+        for field_ in ("embed", "head", "positions"):
+            name = getattr(lay, field_)
+            if name is not None and name not in have:
+                r.fail(f"{name!r} is not a weight of the bundle", f"decoding.{field_}")
+        lost = [x for x in lay.norm if x not in have]
+        if lost:
+            r.fail(f"{lost[0]!r} is not a weight of the bundle", "decoding.norm")
+
     def required_signatures(self) -> list[str]:
         """Every signature the runtime calls for this bundle."""
         ks = self.variants
@@ -714,6 +764,8 @@ class Manifest:
         if self.sharded is None:
             out = [APPLY, INFER, PREFILL, DECODE, GET_STATE, SET_STATE]
             out += [SET_FROZEN] if self.frozen else []
+            if self.decoding is not None:
+                out += [NORM_DECODE, *{block_decode_sig(x.kind) for x in self.decoding.layers}]
             return out + [f(k) for k in ks for f in (train_step_sig, accumulate_sig, eval_sig)]
         lay = self.sharded
         trained = {s.name[len(TRAINABLE):] for s in self.state if s.name.startswith(TRAINABLE)}

@@ -28,6 +28,7 @@ It is a ``runtime.runner.Runner``; open it with ``runtime.runner.open_bundle``.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,32 @@ ARENA_LAYERS = 10
 # OpenBLAS's threaded sgemm hung in a non-main thread — a federated simulation's server —
 # so it is opt-in, for the main thread).
 HEADS = ("host", "program")
+
+
+def layer_inputs(lay: B.ShardedLayout, i: int, weight) -> dict:
+    """Layer ``i``'s weight inputs (``W`` + its relative names; ``weight(full name)``) and,
+    where the layer has them, its attention scalars."""
+    ly = lay.layers[i]
+    kind = lay.kinds[ly.kind]
+    w = {B.W + r: weight(ly.prefix + r) for r in kind.frozen + kind.trainable}
+    if ly.attn is not None:
+        theta, factor, window = ly.attn
+        w.update(rope_theta=np.float32(theta), rope_factor=np.float32(factor),
+                 window=np.int32(window))
+    return w
+
+
+def embed_rows_at(lay: B.ShardedLayout, rows, n_positions: int | None, ids, pos: int) -> np.ndarray:
+    """The embedding of (1, C) token ids at positions ``pos`` ... (decoding): ``rows(name,
+    ids)`` reads a table's rows; learned position rows past the table's ``n_positions``,
+    for padding, repeat its last row."""
+    h = rows(lay.embed, ids)
+    if lay.positions:
+        at = np.minimum(pos + np.arange(ids.shape[1]), n_positions - 1)
+        h = h + rows(lay.positions, at)[None]
+    if lay.embed_scale is not None:
+        h = h * np.float32(lay.embed_scale)
+    return h.astype(np.float32, copy=False)
 
 
 class ShardedRunner:
@@ -169,7 +196,10 @@ class ShardedRunner:
         """The KV-cache decoder (``runtime.sharded.decode``), built on first use."""
         if self._decoder is None:
             from mobiletune.runtime.sharded.decode import ShardedDecoder
-            self._decoder = ShardedDecoder(self, constants=self.decode_constants)
+            # the runner keeps its decoder; the decoder, a weak reference back, so that
+            # dropping the runner frees the decoder's copy of the model at once, not at a
+            # later cyclic garbage collection
+            self._decoder = ShardedDecoder(weakref.proxy(self), constants=self.decode_constants)
         return self._decoder
 
     def prefill(self, tokens):
@@ -192,7 +222,7 @@ class ShardedRunner:
         self._saved.clear()
         first_saved = len(self.lay.layers) - (self.saved_layers(k) if save else 0)
         for i, ly in enumerate(self.lay.layers[:upto]):
-            ins = self._layer_inputs(i)
+            ins = self.layer_inputs(i)
             if weights:
                 ins.update({B.W + n[len(ly.prefix):]: v for n, v in weights.items()
                             if n.startswith(ly.prefix) and B.W + n[len(ly.prefix):] in ins})
@@ -215,10 +245,10 @@ class ShardedRunner:
             saved = self._saved.pop(i, None)
             if saved is None:
                 out = self.call(B.block_bwd_sig(ly.kind, k), {"h": hs[i], "dh": dh,
-                                                               **self._layer_inputs(i)})
+                                                               **self.layer_inputs(i)})
             else:
                 name = B.block_bwd_saved_sig(ly.kind, k)
-                ins = {"h": hs[i], **self._layer_inputs(i)}
+                ins = {"h": hs[i], **self.layer_inputs(i)}
                 want = [s.name for s in self.manifest.signature(name).inputs]
                 out = self.call(name, {"dh": dh, **saved,
                                        **{x: ins[x] for x in want if x in ins}})
@@ -263,15 +293,12 @@ class ShardedRunner:
         self.state.release_tensors(ly.prefix + r for r in self.lay.kinds[ly.kind].trainable)
         self.store.release_pending()
 
-    def _layer_inputs(self, i: int) -> dict:
-        ly = self.lay.layers[i]
-        kind = self.lay.kinds[ly.kind]
-        w = {B.W + r: self.weight(ly.prefix + r) for r in kind.frozen + kind.trainable}
-        if ly.attn is not None:
-            theta, factor, window = ly.attn
-            w.update(rope_theta=np.float32(theta), rope_factor=np.float32(factor),
-                     window=np.int32(window))
-        return w
+    def layer_inputs(self, i: int) -> dict:
+        return layer_inputs(self.lay, i, self.weight)
+
+    def release_pages(self) -> None:
+        """The weight store's pages read since the last call leave the resident set."""
+        self.store.release_pending()
 
     def _rows(self, name: str, ids) -> np.ndarray:
         """rows[ids] of a 2-D tensor, from the trainable state or the store."""
@@ -291,17 +318,9 @@ class ShardedRunner:
         return h.astype(np.float32, copy=False)
 
     def embed_at(self, ids, pos: int) -> np.ndarray:
-        """The embedding of (1, C) token ids at positions ``pos`` ... (decoding; learned
-        position rows past the table, for padding, repeat its last row)."""
-        h = self._rows(self.lay.embed, ids)
-        if self.lay.positions:
-            last = (self.state.shapes.get(self.lay.positions)
-                    or self.store.shape(self.lay.positions))[0] - 1
-            at = np.minimum(pos + np.arange(ids.shape[1]), last)
-            h = h + self._rows(self.lay.positions, at)[None]
-        if self.lay.embed_scale is not None:
-            h = h * np.float32(self.lay.embed_scale)
-        return h.astype(np.float32, copy=False)
+        p = self.lay.positions
+        n = p and (self.state.shapes.get(p) or self.store.shape(p))[0]
+        return embed_rows_at(self.lay, self._rows, n, ids, pos)
 
     def _head_chunks(self):
         """(row offset, rows, float32 (Vc, D) weights, col_valid) per vocabulary chunk."""

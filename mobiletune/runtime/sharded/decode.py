@@ -17,12 +17,16 @@ for schema 5 bundles or ``constants=False``, the program's ``block_decode`` with
 weights pinned as inputs. The head is held widened to float32. Memory: about the model in
 float32 plus the cache. Built at the first ``prefill`` (or ``decode``); a new state
 rebuilds it (the constants are the state's weights).
+
+It reads the model through ``runner``: ``manifest``, ``lay`` (the ``ShardedLayout``),
+``dir``, ``call`` (the program's signatures), ``softcap``, ``weight(name)``,
+``layer_inputs(i)``, ``embed_at(ids, pos)``, ``release_pages()`` — a ``ShardedRunner`` (a
+weak proxy to it), or a monolithic bundle's ``runtime.monolithic_decode`` source.
 """
 
 from __future__ import annotations
 
 import tempfile
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,10 +48,7 @@ PREFILL_MIN = 16
 class ShardedDecoder:
     def __init__(self, runner, prefill_min: int = PREFILL_MIN, constants: bool = True):
         self.prefill_min = prefill_min
-        # the runner keeps its decoder (``runner.decoder()``); a weak reference back, so that
-        # dropping the runner frees the decoder's copy of the model at once, not at a later
-        # cyclic garbage collection
-        self.r, self.m, self.lay = weakref.proxy(runner), runner.manifest, runner.lay
+        self.r, self.m, self.lay = runner, runner.manifest, runner.lay
         kind = self.lay.layers[0].kind
         h = next(s for s in self.m.signature(B.block_decode_sig(kind)).inputs if s.name == "h")
         self.chunk = h.shape[1]
@@ -76,14 +77,14 @@ class ShardedDecoder:
         constants, or pinned inputs), so the store's pages go now, not after the last layer
         (SmolLM2-135M: peak RSS 1308 -> ~800 MB)."""
         r, sig = self.r, B.block_decode_sig(kind)
-        w = r._layer_inputs(i)
+        w = r.layer_inputs(i)
         if regions is None:
             call = PinnedCall(r.dir / B.PROGRAM, sig, w, zero, r.call.threads)
-            r.store.release_pending()
+            r.release_pages()
             return call
         path = tmp / f"layer{i}.tflite"
         write_program(skel, regions, w, path)
-        r.store.release_pending()
+        r.release_pages()
         names = {x.name for x in regions}
         call = PinnedCall(path, sig, {k: v for k, v in w.items() if k not in names}, zero,
                           r.call.threads)            # its first call packs the constants
@@ -130,13 +131,18 @@ class ShardedDecoder:
 
     def prefill(self, tokens) -> tuple[np.ndarray, HostCache]:
         check_position(self.m, len(tokens) - 1)
-        cache = HostCache(self.m)
         if len(tokens) <= self.prefill_min:
+            cache = HostCache(self.m)
             return self._run(tokens, 0, cache), cache
+        return self._window(tokens)
+
+    def _window(self, tokens) -> tuple[np.ndarray, HostCache]:
+        """A long prompt in one pass over the padded window (``block_prefill``)."""
+        cache = HostCache(self.m)
         h = self.r.embed(padded_tokens(self.m, tokens))                     # (1, T, D)
         for i, ly in enumerate(self.lay.layers):
-            out = self.r.call(B.block_prefill_sig(ly.kind), {"h": h, **self.r._layer_inputs(i)})
-            self.r.store.release_pending()         # the layer's weight pages, as in training
+            out = self.r.call(B.block_prefill_sig(ly.kind), {"h": h, **self.r.layer_inputs(i)})
+            self.r.release_pages()                 # the layer's weight pages, as in training
             h = out["h"]
             cache.k[i], cache.v[i] = out["k"][0], out["v"][0]
         n = len(tokens)
