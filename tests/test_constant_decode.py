@@ -150,6 +150,19 @@ def test_dropping_the_runner_unmaps_the_decoder_at_once(exported):
     assert _decode_file_mappings()[0] == []
 
 
+def test_the_monolithic_decoder_keeps_no_view_of_the_base_file(exported):
+    """A monolithic bundle's decoder reads the frozen weights from the base file's memory
+    map; once built it holds copies only (the embedding, the norms: a view of either kept the
+    whole map, and every page the build read, resident: SmolLM2-135M +513 MB)."""
+    _, bundle = exported("mono", "llama")
+    r = open_bundle(bundle)
+    base = str((bundle / B.BASE).resolve())
+    r.decoder()
+    with open("/proc/self/maps") as f:
+        assert not [line for line in f if line.rstrip("\n").endswith(base)]
+    assert len(_decode_logits(r, 2)) == 3
+
+
 def _edited(bundle, tmp_path, edit):
     d = tmp_path / "b"
     shutil.copytree(bundle, d)

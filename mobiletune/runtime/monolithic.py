@@ -27,7 +27,7 @@ class MonolithicRunner:
         self.decode_constants = True
         self._decoder = None
         if manifest.frozen:
-            frozen = load_tensors(self.dir / B.BASE)
+            frozen = load_tensors(self.dir / B.BASE, mmap=True)   # set_frozen copies it
             want = {s.name for s in manifest.frozen}
             if set(frozen) != want:
                 lost = sorted(want ^ set(frozen))

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from mobiletune.io import safetensors as st
 from mobiletune.runtime import bundle as B
-from mobiletune.runtime.runner import HostCache, padded_tokens
+from mobiletune.runtime.runner import HostCache, load_tensors, padded_tokens
 from mobiletune.runtime.sharded.chain import embed_rows_at, layer_inputs
+from mobiletune.runtime.sharded.constant_decode import drop_mapped_pages
 from mobiletune.runtime.sharded.decode import ShardedDecoder
 
 
@@ -38,12 +38,8 @@ class MonolithicSource:
         self.manifest, self.lay, self.dir, self.call = m, m.decoding, runner.dir, runner.call
         self.softcap = m.model.get("final_logit_softcapping")
         self.w = B.trainable_part(runner.get_state())
-        if m.frozen:
-            path = self.dir / B.BASE
-            try:
-                base = st.load(path)                  # memory-mapped; pages read as needed
-            except st.SafetensorsError as e:
-                raise B.BundleError(str(e)) from None
+        if m.frozen:                                  # memory-mapped; pages read as needed
+            base = load_tensors(self.dir / B.BASE, mmap=True)
             self.w.update({k[len(B.FROZEN):]: v for k, v in base.items()})
 
     def weight(self, name: str) -> np.ndarray:
@@ -58,10 +54,19 @@ class MonolithicSource:
                              p and len(self.w[p]), ids, pos)
 
     def release_pages(self) -> None:
-        pass                 # the base file's pages are clean, mapped, and go with ``w``
+        """The base file's pages read so far leave the resident set (clean pages of the
+        map; a later read faults them back): the decoder's build holds about one layer of
+        them, not the model."""
+        if self.manifest.frozen:
+            drop_mapped_pages((self.dir / B.BASE).resolve())   # as /proc/self/maps names it
 
-    def keep_embedding(self) -> None:
-        self.w = {n: self.w[n] for n in (self.lay.embed, self.lay.positions) if n}
+    def keep_embedding(self, head: np.ndarray) -> None:
+        """Drop every weight but the embedding's tables, as copies (a view would keep the
+        base file's whole map, and its pages read so far, resident); a tied embedding is
+        the decoder's float32 ``head``."""
+        lay = self.lay
+        self.w = {n: head if n == lay.head else np.array(self.w[n])
+                  for n in (lay.embed, lay.positions) if n}
 
 
 class MonolithicDecoder(ShardedDecoder):
@@ -71,7 +76,7 @@ class MonolithicDecoder(ShardedDecoder):
     def __init__(self, runner):
         src = MonolithicSource(runner)
         super().__init__(src)
-        src.keep_embedding()
+        src.keep_embedding(self.head)
 
     def _window(self, tokens) -> tuple[np.ndarray, HostCache]:
         return program_prefill(self.r.call, self.m, tokens)

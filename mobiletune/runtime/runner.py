@@ -117,9 +117,11 @@ def open_bundle(bundle_dir, threads: int | None = None, state: dict | None = Non
     return r
 
 
-def load_tensors(path: Path) -> dict[str, np.ndarray]:
+def load_tensors(path: Path, mmap: bool = False) -> dict[str, np.ndarray]:
+    """A safetensors file's tensors (``mmap``: read-only views of its memory map, whose
+    clean pages leave the resident set with the last view)."""
     try:
-        return st.load(path, mmap=False)
+        return st.load(path, mmap=mmap)
     except st.SafetensorsError as e:
         raise BundleError(str(e)) from None
 

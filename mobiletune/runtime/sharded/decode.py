@@ -57,7 +57,7 @@ class ShardedDecoder:
         cut = np.linspace(0, self.head.shape[0], threads + 1).astype(int)
         self._rows = list(zip(cut[:-1], cut[1:]))                  # the head's rows per thread
         self._pool = ThreadPoolExecutor(threads, "mobiletune-head") if threads > 1 else None
-        self.norm = {B.W + n: runner.weight(n) for n in self.lay.norm}
+        self.norm = {B.W + n: np.array(runner.weight(n)) for n in self.lay.norm}  # copies
         c = self.m.model
         shape = (1, self.m.seq_len, c["num_kv_heads"], c["head_dim"])          # (1, T, K, Dh)
         zero = {"h": np.zeros((1, self.chunk, int(c["hidden_size"])), np.float32),
