@@ -1,6 +1,7 @@
-"""Where a decoded token's time goes on a sharded bundle: the layer calls (LiteRT's
-``Invoke`` apart from moving the inputs in and the outputs out), the final norm, the head,
-the embedding row and the cache writes, over constant weights and over pinned ones.
+"""Where a decoded token's time goes: the layer calls (LiteRT's ``Invoke`` apart from
+moving the inputs in and the outputs out), the final norm, the head, the embedding row and
+the cache writes, over constant weights and over pinned ones (a monolithic bundle of schema
+7: over constants only; its other path is the program's one ``decode`` call).
 
   python benchmarks/decode_profile.py [--bundle DIR] [--tokens 40] [--threads 2]
 
@@ -25,10 +26,18 @@ from decoding import export_bundle
 PARTS = ("set inputs", "invoke", "get outputs", "cache writes", "embed", "norm + head")
 
 
+def decoder(r, constants: bool):
+    """A fresh decoder of the runner's bundle (sharded, or monolithic over constants)."""
+    if r.manifest.sharded is None:
+        from mobiletune.runtime.monolithic_decode import MonolithicDecoder
+        return MonolithicDecoder(r)
+    from mobiletune.runtime.sharded.decode import ShardedDecoder
+    return ShardedDecoder(r, constants=constants)
+
+
 def profile(r, constants: bool, n: int) -> dict:
     from mobiletune.runtime import bundle as B
-    from mobiletune.runtime.sharded.decode import ShardedDecoder
-    d = ShardedDecoder(r, constants=constants)
+    d = decoder(r, constants)
     prompt = list(range(100, 113))
     logits, cache = d.prefill(prompt)
     pos = len(prompt)
@@ -40,7 +49,7 @@ def profile(r, constants: bool, n: int) -> dict:
             total = clock()
         ids = np.full((1, 1), int(np.argmax(logits)), np.int32)
         a = clock()
-        h = r.embed_at(ids, pos)
+        h = d.r.embed_at(ids, pos)
         t["embed"] += clock() - a
         at = np.full((1,), pos, np.int32)
         for i, call in enumerate(d.layers):
@@ -69,7 +78,7 @@ def profile(r, constants: bool, n: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bundle", help="a sharded bundle (default: export decoding.py's)")
+    ap.add_argument("--bundle", help="a bundle (default: export decoding.py's sharded one)")
     ap.add_argument("--tokens", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
@@ -79,17 +88,19 @@ def main(argv=None) -> int:
             return 1
         from mobiletune.runtime.runner import open_bundle
         r = open_bundle(bundle, threads=a.threads)
-        res = {name: profile(r, name == "constants", a.tokens) for name in ("constants", "pinned")}
-    w = np.array(r.weight(r.lay.head), np.float32)                    # (V, D), as the decoder
+        names = ("constants", "pinned") if r.manifest.sharded else ("constants",)
+        res = {name: profile(r, name == "constants", a.tokens) for name in names}
+        w = decoder(r, True).head                               # (V, D) float32, as decoded
     x = np.ones(w.shape[1], np.float32)
     w @ x
     s = min(_timed(lambda: w @ x) for _ in range(10))
-    print(f"Decoding, {a.tokens} tokens after a 13-token prompt, {a.threads} threads: "
-          f"ms a token\n\n| part | constants | pinned |\n|---|---:|---:|")
+    kind = "sharded" if r.manifest.sharded else "monolithic"
+    print(f"Decoding ({kind} bundle), {a.tokens} tokens after a 13-token prompt, {a.threads} "
+          f"threads: ms a token\n\n| part | {' | '.join(names)} |\n|---|"
+          + "---:|" * len(names))
     for k in PARTS:
-        print(f"| {k} | {res['constants']['ms'][k]:.2f} | {res['pinned']['ms'][k]:.2f} |")
-    print(f"| **a token** | **{res['constants']['total_ms']:.2f}** | "
-          f"**{res['pinned']['total_ms']:.2f}** |")
+        print(f"| {k} | " + " | ".join(f"{res[n]['ms'][k]:.2f}" for n in names) + " |")
+    print("| **a token** | " + " | ".join(f"**{res[n]['total_ms']:.2f}**" for n in names) + " |")
     print(f"\nnumpy's threaded matvec over the head ({w.nbytes / 1e6:.0f} MB): "
           f"{s * 1e3:.2f} ms, {w.nbytes / s / 1e9:.1f} GB/s")
     return 0
