@@ -39,6 +39,7 @@ test-fast: setup
 bench: assets
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 	$(PY) benchmarks/decoding.py
+	$(PY) benchmarks/decoding.py --monolithic
 	$(PY) benchmarks/int8_store.py
 
 lint: setup

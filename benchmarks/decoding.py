@@ -3,12 +3,13 @@
 5), and the desktop JAX generator (``mobiletune generate``: ``inference.generate``, jit, its
 own KV cache), greedy, on the same model and prompt.
 
-  python benchmarks/decoding.py [--bundle DIR] [--new-tokens 48] [--threads 2]
+  python benchmarks/decoding.py [--bundle DIR | --monolithic] [--new-tokens 48] [--threads 2]
                                 [--out-dir benchmarks/results]
 
 Without ``--bundle`` it exports ``recipes/smollm2_shakespeare_lora.py --sharded --set
-lora.dropout=0`` (SmolLM2-135M, window 128; the adapter starts at zero, so the bundle's
-model is the base model the desktop generator runs). Each system runs in its own process
+lora.dropout=0`` (``--monolithic``: without ``--sharded``, written to ``-decoding-monolithic``;
+SmolLM2-135M, window 128; the adapter starts at zero, so the bundle's model is the base
+model the desktop generator runs). Each system runs in its own process
 (``common.run``) and generates twice from the same prompt: ``cold`` is the first call
 (JAX: compiling; device: one interpreter per layer over a program file with the layer's
 weights as constants, which XNNPACK packs, and widening the head), ``warm`` the second.
@@ -107,12 +108,12 @@ def table(res: dict) -> str:
     return "\n".join(out)
 
 
-def export_bundle(tmp: Path, threads: int) -> str | None:
-    """The default bundle (the module docstring's) in ``tmp``; None, with the export's error
-    on stderr, if it failed."""
+def export_bundle(tmp: Path, threads: int, sharded: bool = True) -> str | None:
+    """The default bundle (the module docstring's; ``sharded=False``: monolithic) in
+    ``tmp``; None, with the export's error on stderr, if it failed."""
     bundle = str(tmp / "bundle")
-    ex = common.run([sys.executable, "-m", "export", RECIPE, "--sharded", "--set",
-                     "lora.dropout=0", "--out", bundle, "--no-verify"], threads)
+    ex = common.run([sys.executable, "-m", "export", RECIPE, *(["--sharded"] if sharded else []),
+                     "--set", "lora.dropout=0", "--out", bundle, "--no-verify"], threads)
     if ex.rc:
         print(f"export failed: {ex.error()}", file=sys.stderr)
         return None
@@ -122,6 +123,9 @@ def export_bundle(tmp: Path, threads: int) -> str | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", help="a sharded or monolithic bundle (default: export one)")
+    ap.add_argument("--monolithic", action="store_true",
+                    help="without --bundle: export the recipe monolithic (~4 min, ~6 GB) "
+                         "instead of sharded")
     ap.add_argument("--model", default="smollm2-135m",
                     help="what the desktop generator loads (the bundle's base model)")
     ap.add_argument("--new-tokens", type=int, default=48)
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=str(common.HERE / "results"))
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mobiletune-decoding-") as tmp:
-        bundle = args.bundle or export_bundle(Path(tmp), args.threads)
+        bundle = args.bundle or export_bundle(Path(tmp), args.threads, not args.monolithic)
         if bundle is None:
             return 1
         man = json.loads((Path(bundle) / "manifest.json").read_text())
@@ -152,7 +156,8 @@ def main(argv=None) -> int:
     md = table(res)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{res['date']}-decoding"
+    stem = out / (f"{res['date']}-decoding"
+                  + ("-monolithic" if res["bundle_kind"] == "monolithic" else ""))
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     stem.with_suffix(".md").write_text(md + "\n")
     print(md)
