@@ -96,6 +96,28 @@ def test_full_finetuning_state_decodes_as_desktop(exported):
     assert after != before
 
 
+@pytest.mark.parametrize("kind", ["mono", "sharded"])
+def test_an_optimizer_step_after_decoding_rebuilds_the_decoder(exported, kind):
+    """The decoder holds the weights it was built with (constants, pinned inputs): after an
+    optimizer step it must decode with the new ones. Cached logits equal ``infer``'s (which
+    reads the state each call) before and after the step, and the step changed them."""
+    _, bundle = exported(kind, "llama")
+    r = open_bundle(bundle)
+    t = r.manifest.seq_len
+    rng = np.random.default_rng(3)
+    batch = {"inputs": rng.integers(0, 60, (1, t)).astype(np.int32),
+             "targets": rng.integers(0, 60, (1, t)).astype(np.int32),
+             "loss_mask": np.ones((1, t), np.float32)}
+    before = r.prefill(PROMPT)[0]
+    np.testing.assert_allclose(before, r.infer(PROMPT, len(PROMPT) - 1), atol=LOGIT_ATOL, rtol=0)
+    for _ in range(3):
+        r.accumulate(batch)
+        r.apply()
+    after = r.prefill(PROMPT)[0]
+    np.testing.assert_allclose(after, r.infer(PROMPT, len(PROMPT) - 1), atol=LOGIT_ATOL, rtol=0)
+    assert np.abs(after - before).max() > 1e-3
+
+
 def test_decode_refuses_a_position_outside_the_window(exported):
     recipe, bundle = exported("sharded", "llama")
     r = open_bundle(bundle)

@@ -61,6 +61,7 @@ class MonolithicRunner:
 
     def train_step(self, batch: dict) -> float:
         k = check_variant(self.manifest, batch)
+        self._decoder = None                      # its weights are the state's before the step
         return float(self.call(B.train_step_sig(k), self._batch(batch))["loss"])
 
     def accumulate(self, batch: dict) -> tuple[float, float]:
@@ -69,6 +70,7 @@ class MonolithicRunner:
         return float(out["nll"]), float(out["count"])
 
     def apply(self) -> tuple[float, int]:
+        self._decoder = None
         out = self.call(B.APPLY, {})
         return float(out["loss"]), int(np.asarray(out["step"]).reshape(()))
 

@@ -181,6 +181,7 @@ class ShardedRunner:
         return self._loss_and_grads(batch, grads=False)
 
     def apply(self) -> tuple[float, int]:
+        self._decoder = None                     # its weights are the state's before the step
         return optimizer.apply(self.state, self.call)
 
     def infer(self, tokens, last: int) -> np.ndarray:
