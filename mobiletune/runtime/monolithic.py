@@ -19,6 +19,13 @@ from mobiletune.runtime.runner import (
 )
 
 
+def program_prefill(call, m: B.Manifest, tokens) -> tuple[np.ndarray, HostCache]:
+    """The program's ``prefill``: logits after ``tokens`` and their KV cache."""
+    out = call(B.PREFILL, {"tokens": padded_tokens(m, tokens),
+                           "last": np.int32(len(tokens) - 1)})
+    return np.array(out["logits"]), HostCache(m, out["k"], out["v"])
+
+
 class MonolithicRunner:
     def __init__(self, bundle_dir: Path, manifest: B.Manifest, calls):
         self.dir, self.manifest, self.call = Path(bundle_dir), manifest, calls
@@ -97,7 +104,6 @@ class MonolithicRunner:
         d = self.decoder()
         if d is not None:
             return d.prefill(tokens)
-        from mobiletune.runtime.monolithic_decode import program_prefill
         return program_prefill(self.call, self.manifest, tokens)
 
     def decode(self, token: int, pos: int, cache: HostCache) -> np.ndarray:

@@ -15,17 +15,11 @@ from __future__ import annotations
 import numpy as np
 
 from mobiletune.runtime import bundle as B
-from mobiletune.runtime.runner import HostCache, load_tensors, padded_tokens
+from mobiletune.runtime.monolithic import program_prefill
+from mobiletune.runtime.runner import HostCache, load_tensors
 from mobiletune.runtime.sharded.chain import embed_rows_at, layer_inputs
 from mobiletune.runtime.sharded.constant_decode import drop_mapped_pages
 from mobiletune.runtime.sharded.decode import ShardedDecoder
-
-
-def program_prefill(call, m: B.Manifest, tokens) -> tuple[np.ndarray, HostCache]:
-    """The monolithic program's ``prefill``: logits after ``tokens`` and their KV cache."""
-    out = call(B.PREFILL, {"tokens": padded_tokens(m, tokens),
-                           "last": np.int32(len(tokens) - 1)})
-    return np.array(out["logits"]), HostCache(m, out["k"], out["v"])
 
 
 class MonolithicSource:
